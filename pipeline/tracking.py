@@ -1,0 +1,89 @@
+"""MLflow plumbing: where the tracking store is, whether it answers, and what every run is tagged with.
+
+Default store: ``sqlite:///<repo>/mlflow.db`` (an absolute path, so Ray workers and DVC
+experiment copies all log to the same file). ``MLFLOW_TRACKING_URI`` points elsewhere, such as a
+shared ``mlflow server`` on a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached or written."""
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite file at the repository root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any worker starts, if the tracking store cannot be used.
+
+    Raises:
+        TrackingUnavailable: naming the URI and what to do.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-given URI)
+                if resp.status != 200:
+                    raise TrackingUnavailable(f"MLflow server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix MLFLOW_TRACKING_URI, "
+                "or unset MLFLOW_TRACKING_URI to use the local SQLite store."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} is missing or not writable")
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """The commit and whether the work tree is dirty, or 'unknown' outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (used for the data manifest tag)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``, for logging nested config as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,199 @@
+"""The one training loop every model goes through, on one process or as a DDP rank under Ray.
+
+:func:`fit` knows nothing about Ray or MLflow: it talks to a :class:`Session` (rank, world
+size, the checkpoint to resume from, and where to report each epoch). :class:`LocalSession` runs
+it in-process (tests, debugging); :mod:`pipeline.train.runner` supplies the Ray Train session.
+What differs per model lives in a task (:mod:`pipeline.train.task`); the loop never looks at a
+model's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.data import build_eval_loader, build_train_loader, build_transforms
+from pipeline.train.task import ClassificationTask, task_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs to train one variant; plain data, so it crosses to Ray workers."""
+
+    variant: str
+    model: str
+    train: TrainConfig
+    shards: str
+    num_classes: int
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.model_dump(mode="json")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        return cls(**{**d, "train": TrainConfig.model_validate(d["train"])})
+
+
+class Session(Protocol):
+    """Where the loop runs: rank, world size, device, resume state and the per-epoch report."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def checkpoint(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None: ...
+
+
+class LocalSession:
+    """A single in-process rank; keeps every report in ``history`` and the last state."""
+
+    def __init__(self, resume: dict[str, Any] | None = None, device: str = "cpu") -> None:
+        self.rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.history: list[dict[str, float]] = []
+        self.state: dict[str, Any] | None = resume
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        return self.state
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        self.history.append(metrics)
+        self.state = state
+
+
+def build_model(spec: RunSpec) -> nn.Module:
+    """``timm.create_model`` for the spec, with the project's models registered."""
+    import timm
+
+    import pipeline.models  # noqa: F401 - registers the study's models into timm
+
+    kwargs = {"drop_path_rate": spec.train.drop_path_rate, **spec.model_kwargs}
+    try:
+        return timm.create_model(spec.model, num_classes=spec.num_classes, img_size=spec.train.img_size, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"variant {spec.variant}: unknown model {spec.model!r}; "
+                             "see timm.list_models() after `import pipeline.models`") from None
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, task: ClassificationTask, device: torch.device,
+             autocast: dict[str, Any]) -> dict[str, float]:
+    """Top-1/top-5 (%) and loss over the whole split, summed over ranks."""
+    model.eval()
+    correct1 = correct5 = loss_sum = n = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(**autocast):
+            logits = task.logits(model(images)).float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=-1).sum().item()
+        n += labels.numel()
+    correct1, correct5, loss_sum, n = _all_reduce([correct1, correct5, loss_sum, n], device)
+    n = max(n, 1.0)
+    return {"val_top1": 100 * correct1 / n, "val_top5": 100 * correct5 / n, "val_loss": loss_sum / n}
+
+
+def fit(spec: RunSpec, session: Session) -> dict[str, float]:
+    """Train ``spec`` to its last epoch, resuming from the session's checkpoint if it has one.
+
+    Returns:
+        The last epoch's metrics.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    cfg, device, world = spec.train, session.device, session.world_size
+    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+    model = build_model(spec).to(device)
+    task = task_for(model, spec.num_classes, cfg.augment)
+    train_tf, eval_tf = build_transforms(cfg.img_size, cfg.augment)
+    batch = cfg.batch_size // world
+    train_loader, steps = build_train_loader(spec.shards, rank=session.rank, world_size=world,
+                                             batch_per_rank=batch, transform=train_tf, seed=cfg.seed,
+                                             loader_workers=cfg.loader_workers)
+    eval_loader, _ = build_eval_loader(spec.shards, rank=session.rank, world_size=world, batch_size=batch,
+                                       transform=eval_tf, loader_workers=cfg.loader_workers)
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = CosineLRScheduler(
+        optimizer, t_initial=(cfg.epochs - cfg.cooldown_epochs) * steps, lr_min=cfg.min_lr,
+        warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
+    )  # after t_initial the rate stays at lr_min: the cool-down epochs
+    start = 0
+    if (state := session.checkpoint()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        log.info("resuming %s at epoch %d", spec.variant, start)
+    net = nn.parallel.DistributedDataParallel(model) if dist.is_available() and dist.is_initialized() else model
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
+    schedule.step_update(start * steps)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start, cfg.epochs):
+        seed_everything(cfg.seed * 1000 + epoch * world + session.rank)  # distinct augmentation per rank
+        train_loader.dataset.set_epoch(epoch)
+        net.train()
+        loss_sum, tic = 0.0, time.perf_counter()
+        for i, (images, labels) in enumerate(train_loader):
+            images, target = task.targets(images.to(device), labels.to(device))
+            with torch.autocast(**autocast):
+                loss = task.loss(net(images), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            schedule.step_update(epoch * steps + i + 1)
+            loss_sum += loss.item()
+        elapsed = time.perf_counter() - tic
+        train_loss, = _all_reduce([loss_sum / steps], device)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss / world,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": steps * cfg.batch_size / elapsed,
+            **evaluate(model, eval_loader, task, device, autocast),
+        }
+        log.info("%s epoch %d/%d %s", spec.variant, epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        state = None
+        if session.rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "config": spec.to_dict()}
+        session.report(metrics, state)
+    return metrics

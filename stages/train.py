@@ -1,0 +1,37 @@
+"""DVC stage ``train@<variant>``: train one variant with Ray Train, tracked in MLflow.
+
+Writes ``results/<variant>.json`` (MLflow run id and final metrics). Uses a local Ray instance
+unless ``RAY_ADDRESS`` is set, and ``sqlite:///<repo>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.paths import repo_root
+from stages import _cli
+
+# "variants.{variant}" is the variant's own section: dvc.yaml declares variants.${key}.
+PARAMS = ["train", "data.shards", "tracking", "variants.{variant}"]
+
+
+def main() -> None:
+    p = _cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--variant", required=True, help="a key of the variants section of params.yaml")
+    p.add_argument("--results", default="results", help="folder for <variant>.json")
+    args = p.parse_args()
+    cfg = _cli.config(args.params)
+    if args.variant not in cfg.variants:
+        sys.exit(f"error: {args.params}: no variant {args.variant!r}; variants are {sorted(cfg.variants)}")
+
+    from pipeline.train.runner import train_variant
+
+    root = repo_root()
+    train_variant(cfg, args.variant, root=root, results_dir=root / args.results)
+
+
+if __name__ == "__main__":
+    from pipeline.shards import ShardError
+    from pipeline.tracking import TrackingUnavailable
+
+    _cli.run(main, ShardError, TrackingUnavailable, ValueError)
