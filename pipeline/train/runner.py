@@ -101,7 +101,7 @@ def _init_ray(cfg_cpus: float) -> bool:
         ray.init(address=address, log_to_driver=True)
         return True
     log.info("starting a local Ray instance")
-    ray.init(include_dashboard=False, log_to_driver=True,
+    ray.init(log_to_driver=True,
              num_cpus=max(int(cfg_cpus), os.cpu_count() or 1))
     return True
 

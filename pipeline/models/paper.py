@@ -1,0 +1,125 @@
+"""The published numbers this project checks its models against, in one place.
+
+Sources (all transcribed in SPEC.md section 2):
+
+* Yuan et al., "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
+  arXiv:2101.11986 (ICCV 2021): parameters, MACs and ImageNet top-1 of T2T-ViT and its baselines
+  (ViT, arXiv:2010.11929; DeiT, arXiv:2012.12877).
+* The authors' code (github.com/yitu-opensource/T2T-ViT): exact parameter counts, and MACs
+  recounted under the all-matmul convention with ``torch.utils.flop_counter.FlopCounterMode``.
+
+Fields left ``None`` are not given by those sources. ``tests/test_models.py`` and
+``tests/test_cost.py`` check the models against ``params_all``, ``params_trainable`` and
+``macs_g_all_matmul``.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+__all__ = ["PAPER", "PaperEntry"]
+
+
+class PaperEntry(TypedDict):
+    """One row: a registered model at one input size."""
+
+    model: str
+    """Name registered in timm."""
+    img_size: int
+    """Input side the numbers are for."""
+    params_m: float | None
+    """Parameters in millions, as the paper prints them."""
+    macs_g: float | None
+    """GMACs as the final (ICCV) paper and README print them (all-matmul, rounded)."""
+    macs_g_early: float | None
+    """GMACs of the first arXiv version where they differ (a counting script the authors dropped)."""
+    macs_g_all_matmul: float | None
+    """All-matmul GMACs recounted over the authors' code: what ``count_macs`` measures."""
+    top1: float | None
+    """ImageNet-1k top-1 (%) trained from scratch."""
+    params_all: int | None
+    """Exact count of every tensor of the authors' code, frozen position table and features included."""
+    params_trainable: int | None
+    """Exact count of the trainable tensors of the authors' code."""
+
+
+def _entry(
+    model: str,
+    *,
+    img_size: int = 224,
+    params_m: float | None = None,
+    macs_g: float | None = None,
+    macs_g_early: float | None = None,
+    macs_g_all_matmul: float | None = None,
+    top1: float | None = None,
+    params_all: int | None = None,
+    params_trainable: int | None = None,
+) -> PaperEntry:
+    return PaperEntry(
+        model=model,
+        img_size=img_size,
+        params_m=params_m,
+        macs_g=macs_g,
+        macs_g_early=macs_g_early,
+        macs_g_all_matmul=macs_g_all_matmul,
+        top1=top1,
+        params_all=params_all,
+        params_trainable=params_trainable,
+    )
+
+
+# fmt: off
+#: Published numbers keyed by registered model name (``@384`` marks the 384x384 evaluation),
+#: one row per model like the paper's tables.
+PAPER: dict[str, PaperEntry] = {
+    "t2t_vit_7": _entry(
+        "t2t_vit_7", params_m=4.2, macs_g=1.1, macs_g_early=1.2, macs_g_all_matmul=1.147,
+        params_all=4_310_222, params_trainable=4_255_694,
+    ),
+    "t2t_vit_10": _entry(
+        "t2t_vit_10", macs_g=1.5, macs_g_all_matmul=1.516,
+        params_all=5_889_230, params_trainable=5_834_702,
+    ),
+    "t2t_vit_12": _entry(
+        "t2t_vit_12", params_m=6.8, macs_g=1.8, macs_g_early=2.2, macs_g_all_matmul=1.763,
+        params_all=6_941_902, params_trainable=6_887_374,
+    ),
+    "t2t_vit_14": _entry(
+        "t2t_vit_14", params_m=21.5, macs_g=4.8, macs_g_early=5.2, macs_g_all_matmul=4.783, top1=81.5,
+        params_all=21_545_550, params_trainable=21_465_806,
+    ),
+    "t2t_vit_14@384": _entry(
+        "t2t_vit_14", img_size=384, params_m=21.5, macs_g=17.1, macs_g_all_matmul=16.4, top1=83.3,
+        params_all=21_691_470, params_trainable=21_465_806,
+    ),
+    "t2t_vit_19": _entry(
+        "t2t_vit_19", params_m=39.2, macs_g=8.5, macs_g_early=8.9, macs_g_all_matmul=8.480,
+        params_all=39_177_422, params_trainable=39_085_070,
+    ),
+    "t2t_vit_24": _entry(
+        "t2t_vit_24", params_m=64.1, macs_g=13.8, macs_g_early=14.1, macs_g_all_matmul=13.662, top1=82.3,
+        params_all=64_105_934, params_trainable=64_000_974,
+    ),
+    "t2t_vit_t_14": _entry(
+        "t2t_vit_t_14", params_m=21.5, macs_g=6.1, macs_g_all_matmul=6.089,
+        params_all=21_541_070, params_trainable=21_465_422,
+    ),
+    "t2t_vit_t_19": _entry(
+        "t2t_vit_t_19", macs_g=9.8, macs_g_all_matmul=9.785,
+        params_all=39_172_942, params_trainable=39_084_686,
+    ),
+    "t2t_vit_t_24": _entry(
+        "t2t_vit_t_24", macs_g=15.0, macs_g_all_matmul=14.967,
+        params_all=64_101_454, params_trainable=64_000_590,
+    ),
+    # Baselines. Every tensor of a ViT is trainable, so only "all" is given.
+    "vit_s16_paper": _entry("vit_s16_paper", params_m=48.6, macs_g=10.1, top1=78.1, params_all=48_754_408),
+    # 86.8 M in the architecture table, 86.4 M in the accuracy table.
+    "vit_b16_paper": _entry("vit_b16_paper", params_m=86.8, macs_g=17.6, top1=79.8),
+    "vit_l16_paper": _entry("vit_l16_paper", params_m=304.3, macs_g=63.6, top1=81.1),
+    "deit_small_paper": _entry(
+        "deit_small_paper", params_m=22.1, macs_g=4.6, macs_g_all_matmul=4.599, top1=79.9,
+        params_all=22_050_664,
+    ),
+}
+# fmt: on

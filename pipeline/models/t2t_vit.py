@@ -1,0 +1,577 @@
+"""Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet (Yuan et al., arXiv:2101.11986).
+
+T2T-ViT replaces ViT's 16x16 patch embedding with a Tokens-to-Token (T2T) module: three overlapping
+"soft splits" (unfold with kernel/stride/padding (7, 4, 2), (3, 2, 1), (3, 2, 1)) with a narrow
+(width 64) attention layer between consecutive splits, then a linear projection to the backbone
+width. The backbone is timm's ``VisionTransformer`` with a frozen sinusoidal position table. Two
+flavours of T2T layer exist: ``performer`` (T2T-ViT, linear attention with 32 fixed random
+features) and ``transformer`` (T2T-ViT_t, single-head softmax attention).
+
+The module reproduces the authors' released code (github.com/yitu-opensource/T2T-ViT) to the exact
+parameter count, including two details the paper leaves out:
+
+* the Performer T2T layer always applies dropout 0.1 after its projection and after its MLP
+  (``t2t_drop_rate`` overrides it);
+* the backbone uses ``nn.LayerNorm`` (eps 1e-5) and the authors' ``drop_rate`` means dropout after
+  the position table and inside every block, not timm's head dropout.
+
+State dicts of the authors' checkpoints load through :func:`checkpoint_filter_fn`.
+
+Every variant registers into timm, so after ``import pipeline.models``::
+
+    timm.create_model("t2t_vit_14", num_classes=10, img_size=64)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+__all__ = [
+    "PerformerTokenAttention",
+    "T2TModule",
+    "T2TViT",
+    "TokenAttention",
+    "TokenLayer",
+    "checkpoint_filter_fn",
+    "sinusoid_table",
+]
+
+TokensType = Literal["performer", "transformer"]
+
+#: (kernel, stride, padding) of the three soft splits; the strides multiply to the patch size 16.
+SOFT_SPLITS: tuple[tuple[int, int, int], ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+PATCH_SIZE = math.prod(stride for _, stride, _ in SOFT_SPLITS)
+
+
+def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed position table of "Attention Is All You Need", shape ``(1, num_positions, dim)``.
+
+    ``angle(pos, j) = pos / 10000^(2 * (j // 2) / dim)``; sine on even channels, cosine on odd ones.
+    Computed in float64 (as the authors' numpy code) and returned as float32.
+    """
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    exponent = (2 * (torch.arange(dim) // 2)).to(torch.float64) / dim
+    angle = position / torch.pow(10000.0, exponent)
+    table = torch.empty_like(angle)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table.float().unsqueeze(0)
+
+
+def _split_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Side of the grid an unfold leaves: ``floor((size + 2p - k) / s) + 1``."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context that disables autocast on ``device_type`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class PerformerTokenAttention(nn.Module):
+    """Single-head Performer (FAVOR+) attention that narrows tokens from ``dim`` to ``dim_out``.
+
+    ``k, q, v`` come from one linear layer, in that order. With the positive random-feature map
+    ``phi(u) = exp(W u - |u|^2 / 2) / sqrt(m)`` the output is
+    ``phi(q) (sum_t phi(k_t) v_t^T) / (phi(q) . sum_t phi(k_t) + eps)``, computed in float32 with
+    autocast off: in fp16 ``eps = 1e-8`` underflows and the division gives NaN. In float32 the map is
+    bounded above by ``exp(|w|^2 / 2) = e^16`` (rows of ``W`` have norm sqrt(m)), so nothing
+    overflows, and when every feature underflows the output is 0, not NaN. The residual is ``v``
+    because the width changes.
+
+    Args:
+        dim: Input token width (``k * k * c`` of the preceding soft split).
+        dim_out: Output width (64 in the paper).
+        num_features: Random features ``m`` (the authors' kernel ratio 0.5 of 64 = 32).
+        proj_drop: Dropout after the output projection (the authors hard-code 0.1).
+        eps: Added to the normaliser.
+        device: Device of the weights.
+        dtype: Dtype of the weights.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int = 64,
+        *,
+        num_features: int = 32,
+        proj_drop: float = 0.1,
+        eps: float = 1e-8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.dim_out = dim_out
+        self.eps = eps
+        self.kqv = nn.Linear(dim, 3 * dim_out, **dd)
+        self.proj = nn.Linear(dim_out, dim_out, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # Drawn once on the CPU (a QR there works for any target device, 'meta' included) and never
+        # trained. A frozen Parameter rather than a buffer, as in the authors' checkpoints.
+        features = nn.init.orthogonal_(torch.empty(num_features, dim_out)) * math.sqrt(num_features)
+        self.random_features = nn.Parameter(features.to(**dd), requires_grad=False)
+
+    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` for float32 ``x`` of shape (B, T, d): (B, T, m)."""
+        weight = self.random_features.float()
+        projection = torch.einsum("btd,md->btm", x, weight)
+        half_sq_norm = x.pow(2).sum(dim=-1, keepdim=True) / 2
+        return torch.exp(projection - half_sq_norm) / math.sqrt(weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over the tokens of ``x`` (B, T, dim); returns (B, T, dim_out)."""
+        k, q, v = self.kqv(x).split(self.dim_out, dim=-1)
+        with _autocast_off(x.device.type):
+            kp, qp = self._feature_map(k.float()), self._feature_map(q.float())
+            normaliser = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(-1)
+            context = torch.einsum("btd,btm->bdm", v.float(), kp)
+            y = torch.einsum("btm,bdm->btd", qp, context) / (normaliser + self.eps)
+        return v + self.proj_drop(self.proj(y.to(v.dtype)))
+
+
+class TokenAttention(nn.Module):
+    """Single-head softmax attention that narrows tokens from ``dim`` to ``dim_out`` (T2T-ViT_t).
+
+    The scale is ``dim ** -0.5`` (147^-0.5, 576^-0.5): the authors derive it from the input width,
+    not from the 64-wide head. The residual is ``v`` because the width changes.
+
+    Args:
+        dim: Input token width.
+        dim_out: Output width (64 in the paper).
+        qkv_bias: Bias on the qkv projection (the authors have none).
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+        device: Device of the weights.
+        dtype: Dtype of the weights.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int = 64,
+        *,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.dim_out = dim_out
+        self.scale = dim**-0.5
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim_out, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim_out, dim_out, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over the tokens of ``x`` (B, T, dim); returns (B, T, dim_out)."""
+        q, k, v = self.qkv(x).split(self.dim_out, dim=-1)
+        # A fused kernel keeps the 3136 x 3136 attention map of a 224 image out of memory; the head
+        # axis is added because FlopCounterMode's formula for it expects (B, H, T, d).
+        y = F.scaled_dot_product_attention(
+            q.unsqueeze(1),
+            k.unsqueeze(1),
+            v.unsqueeze(1),
+            dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale,
+        ).squeeze(1)
+        return v + self.proj_drop(self.proj(y))
+
+
+class TokenLayer(nn.Module):
+    """One T2T re-structurization layer: ``y = attn(LN(x))``, then ``y + MLP(LN(y))``.
+
+    The attention layer changes the width from ``dim`` to ``dim_out`` and carries its own residual,
+    so only the MLP has one here.
+
+    Args:
+        dim: Input token width.
+        dim_out: Output width.
+        attn_layer: :class:`PerformerTokenAttention` or :class:`TokenAttention` (or a partial).
+        mlp_ratio: MLP hidden width over ``dim_out`` (1 in the paper).
+        proj_drop: Dropout after the attention projection and after the MLP.
+        norm_layer: Normalization layer.
+        act_layer: MLP activation.
+        device: Device of the weights.
+        dtype: Dtype of the weights.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int = 64,
+        *,
+        attn_layer: Callable[..., nn.Module],
+        mlp_ratio: float = 1.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = attn_layer(dim, dim_out, proj_drop=proj_drop, **dd)
+        self.norm2 = norm_layer(dim_out, **dd)
+        # The authors' MLP drops only its output, not after the activation.
+        self.mlp = Mlp(
+            dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=(0.0, proj_drop), **dd
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (B, T, dim) tokens to (B, T, dim_out)."""
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class T2TModule(nn.Module):
+    """The Tokens-to-Token embedding, a drop-in for timm's ``PatchEmbed`` (its ``embed_layer`` hook).
+
+    ``soft_split0 -> attention1 -> reshape -> soft_split1 -> attention2 -> reshape -> soft_split2 ->
+    project``. A 224 image gives 56x56 -> 28x28 -> 14x14 = 196 tokens.
+
+    Args:
+        img_size: Input side (or (height, width)); every side divisible by 16 gives side / 16 tokens.
+        patch_size: Must be 16, the product of the soft-split strides (accepted for the hook).
+        in_chans: Image channels.
+        embed_dim: Backbone width the last tokens are projected to.
+        tokens_type: ``performer`` (T2T-ViT) or ``transformer`` (T2T-ViT_t).
+        token_dim: Width of the T2T layers (64).
+        drop_rate: Dropout inside the T2T layers; None takes the authors' value (0.1 for Performer
+            layers, 0 for Transformer layers).
+        bias: Bias on the final projection (timm passes ``not pre_norm``).
+        dynamic_img_pad: Unsupported; accepted so timm's hook can pass False.
+        device: Device of the weights.
+        dtype: Dtype of the weights.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = PATCH_SIZE,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        *,
+        tokens_type: TokensType = "performer",
+        token_dim: int = 64,
+        drop_rate: float | None = None,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if to_2tuple(patch_size) != (PATCH_SIZE, PATCH_SIZE):
+            raise ValueError(f"T2T-ViT's soft splits fix patch_size at {PATCH_SIZE}, got {patch_size}")
+        if dynamic_img_pad:
+            raise ValueError("T2T-ViT does not support dynamic_img_pad")
+        dd = {"device": device, "dtype": dtype}
+        self.img_size: tuple[int, int] = to_2tuple(img_size)
+        self.patch_size = (PATCH_SIZE, PATCH_SIZE)
+        self.grid_size: tuple[int, int] = (self._grid(self.img_size[0]), self._grid(self.img_size[1]))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
+        self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
+        self.soft_split2 = nn.Unfold(kernel_size=k2, stride=s2, padding=p2)
+        if tokens_type == "performer":
+            attn_layer: Callable[..., nn.Module] = PerformerTokenAttention
+            default_drop = 0.1
+        elif tokens_type == "transformer":
+            attn_layer, default_drop = TokenAttention, 0.0
+        else:
+            raise ValueError(f"tokens_type must be 'performer' or 'transformer', got {tokens_type!r}")
+        layer = partial(
+            TokenLayer,
+            attn_layer=attn_layer,
+            proj_drop=default_drop if drop_rate is None else drop_rate,
+            **dd,
+        )
+        self.attention1 = layer(in_chans * k0 * k0, token_dim)
+        self.attention2 = layer(token_dim * k1 * k1, token_dim)
+        self.project = nn.Linear(token_dim * k2 * k2, embed_dim, bias=bias, **dd)
+
+    @staticmethod
+    def _grid(side: int) -> int:
+        for kernel, stride, padding in SOFT_SPLITS:
+            side = _split_size(side, kernel, stride, padding)
+        return side
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid of an image of ``img_size`` (timm's ``forward_intermediates`` reshapes with it)."""
+        return self._grid(img_size[0]), self._grid(img_size[1])
+
+    def _stages(self) -> Iterator[tuple[nn.Module, nn.Module, tuple[int, int, int]]]:
+        """(T2T layer, the soft split after it, that split's (kernel, stride, padding))."""
+        yield self.attention1, self.soft_split1, SOFT_SPLITS[1]
+        yield self.attention2, self.soft_split2, SOFT_SPLITS[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images (B, C, H, W) to (B, num_patches, embed_dim) tokens."""
+        batch, _, height, width = x.shape
+        if (height, width) != self.img_size:
+            raise ValueError(f"input is {height}x{width}, the model was built for {self.img_size}")
+        x = self.soft_split0(x).transpose(1, 2)
+        height, width = (_split_size(side, *SOFT_SPLITS[0]) for side in (height, width))
+        for layer, soft_split, geometry in self._stages():
+            x = layer(x).transpose(1, 2).reshape(batch, -1, height, width)
+            x = soft_split(x).transpose(1, 2)
+            height, width = (_split_size(side, *geometry) for side in (height, width))
+        return self.project(x)
+
+
+class T2TViT(VisionTransformer):
+    """T2T-ViT: timm's ``VisionTransformer`` with a :class:`T2TModule` embedding and a frozen table.
+
+    Differences from timm's ViT, all from the authors' code: the position table is sinusoidal and
+    frozen (a non-trainable Parameter, so it is saved and counted but never updated), the class
+    token is drawn with std 0.02, qkv has no bias, LayerNorm eps is 1e-5, and ``drop_rate`` is the
+    dropout after the position table and inside the blocks (timm's head dropout stays 0).
+
+    Args:
+        img_size: Input side (or (height, width)); sides divisible by 16 give side / 16 tokens each.
+        in_chans: Image channels.
+        num_classes: Classes of the linear head (0 for none).
+        embed_dim: Backbone width.
+        depth: Backbone blocks.
+        num_heads: Attention heads (the paper keeps head dim 64).
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        tokens_type: ``performer`` (T2T-ViT) or ``transformer`` (T2T-ViT_t) T2T layers.
+        token_dim: Width of the T2T layers.
+        t2t_drop_rate: Dropout inside the T2T layers; None takes the authors' defaults.
+        qkv_bias: Bias on the backbone's qkv projections.
+        drop_rate: Dropout after the position table and inside every block.
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth, rising linearly to this value over the blocks.
+        norm_layer: Normalization layer of the backbone.
+        **kwargs: Further ``VisionTransformer`` arguments (``global_pool``, ``weight_init``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 14,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        tokens_type: TokensType = "performer",
+        token_dim: int = 64,
+        t2t_drop_rate: float | None = None,
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        **kwargs: Any,
+    ) -> None:
+        embed_layer = partial(
+            T2TModule, tokens_type=tokens_type, token_dim=token_dim, drop_rate=t2t_drop_rate
+        )
+        super().__init__(
+            img_size=img_size,
+            patch_size=PATCH_SIZE,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            pos_drop_rate=drop_rate,
+            proj_drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            embed_layer=embed_layer,
+            norm_layer=norm_layer,
+            **kwargs,
+        )
+        self.tokens_type = tokens_type
+        # Also here, not only in init_weights, so that weight_init='skip' still yields a frozen table.
+        self._reset_pos_embed()
+
+    def _reset_pos_embed(self) -> None:
+        if self.pos_embed is None:
+            return
+        with torch.no_grad():
+            self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.pos_embed.shape[2]))
+        self.pos_embed.requires_grad_(False)
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's ViT init (trunc-normal std 0.02 linears, zero biases) plus the authors' two changes."""
+        super().init_weights(mode, needs_reset)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+        self._reset_pos_embed()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimizer should not decay (the table is frozen anyway)."""
+        return {"cls_token", "pos_embed"}
+
+
+_PERFORMER_RENAMES = (
+    (re.compile(r"(attention\d)\.(kqv|proj)\."), r"\1.attn.\2."),
+    (re.compile(r"(attention\d)\.w$"), r"\1.attn.random_features"),
+    (re.compile(r"(attention\d)\.mlp\.0\."), r"\1.mlp.fc1."),
+    (re.compile(r"(attention\d)\.mlp\.2\."), r"\1.mlp.fc2."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: T2TViT) -> dict[str, torch.Tensor]:
+    """Rename a state dict of the authors' code to this module's names.
+
+    ``tokens_to_token.`` becomes ``patch_embed.``; the Performer layer's ``kqv``/``proj``/``w`` move
+    under ``attn`` (``w`` as ``random_features``) and its ``mlp.0``/``mlp.2`` become ``fc1``/``fc2``.
+    The position table is deterministic, so the model's own one (for its image size) is kept.
+
+    Args:
+        state_dict: The checkpoint's tensors (already unwrapped from ``state_dict_ema`` etc.).
+        model: The model the tensors are for.
+
+    Returns:
+        The renamed tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").replace("tokens_to_token.", "patch_embed.")
+        if key.startswith("patch_embed.attention"):
+            for pattern, replacement in _PERFORMER_RENAMES:
+                key = pattern.sub(replacement, key)
+        out[key] = value
+    if model.pos_embed is not None:
+        out["pos_embed"] = model.pos_embed.detach().clone()
+    return out
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    """Data config of the authors' evaluation: bicubic resize to 248, centre crop 224."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head",
+        "paper_ids": "arXiv:2101.11986",
+        "paper_name": "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        name: _cfg()
+        for name in (
+            "t2t_vit_7",
+            "t2t_vit_10",
+            "t2t_vit_12",
+            "t2t_vit_14",
+            "t2t_vit_19",
+            "t2t_vit_24",
+            "t2t_vit_t_14",
+            "t2t_vit_t_19",
+            "t2t_vit_t_24",
+        )
+    }
+)
+
+
+def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    return build_model_with_cfg(
+        T2TViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+@register_model
+def t2t_vit_7(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-7: Performer T2T layers; depth 7, width 256, 4 heads, MLP ratio 2."""
+    model_args = dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0)
+    return _create_t2t_vit("t2t_vit_7", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_10(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-10: Performer T2T layers; depth 10, width 256, 4 heads, MLP ratio 2."""
+    model_args = dict(tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0)
+    return _create_t2t_vit("t2t_vit_10", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_12(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-12: Performer T2T layers; depth 12, width 256, 4 heads, MLP ratio 2."""
+    model_args = dict(tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0)
+    return _create_t2t_vit("t2t_vit_12", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_14(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-14: Performer T2T layers; depth 14, width 384, 6 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_14", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_19(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-19: Performer T2T layers; depth 19, width 448, 7 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_19", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT-24: Performer T2T layers; depth 24, width 512, 8 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_24", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_14(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT_t-14: Transformer T2T layers; depth 14, width 384, 6 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_t_14", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_19(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT_t-19: Transformer T2T layers; depth 19, width 448, 7 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_t_19", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def t2t_vit_t_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
+    """T2T-ViT_t-24: Transformer T2T layers; depth 24, width 512, 8 heads, MLP ratio 3."""
+    model_args = dict(tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0)
+    return _create_t2t_vit("t2t_vit_t_24", pretrained, **dict(model_args, **kwargs))
