@@ -1,0 +1,40 @@
+"""Every stage entry point answers --help, and a bad params file fails with the key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+STAGES = ["demo", "shard", "train", "report"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help(root: Path, stage: str) -> None:
+    proc = _run([f"stages.{stage}", "--help"], root)
+    assert proc.returncode == 0 and "usage" in proc.stdout and "--params" in proc.stdout
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bad_key_fails_naming_it(root: Path, tmp_path: Path, stage: str) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["report"]["outptu"] = "x"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = [f"stages.{stage}", "--params", str(tmp_path / "params.yaml")]
+    if stage == "train":
+        args += ["--variant", next(iter(raw["variants"]))]
+    proc = _run(args, root)
+    assert proc.returncode != 0
+    assert "report.outptu" in proc.stderr
+
+
+def test_unknown_variant_is_named(root: Path) -> None:
+    proc = _run(["stages.train", "--variant", "no_such_variant"], root)
+    assert proc.returncode != 0 and "no_such_variant" in proc.stderr

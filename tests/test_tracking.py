@@ -1,0 +1,43 @@
+"""Tracking-store checks and run metadata."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import TrackingUnavailable, check_tracking, flatten, git_state, tracking_uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_naming_the_uri() -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
+        check_tracking(uri, timeout=2)
+
+
+def test_sqlite_in_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TrackingUnavailable, match="nowhere"):
+        check_tracking(f"sqlite:///{tmp_path}/nowhere/mlflow.db")
+    check_tracking(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_default_uri_is_an_absolute_sqlite_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri(tmp_path) == "http://mlflow:5000"
+
+
+def test_git_state_outside_a_checkout(tmp_path: Path) -> None:
+    assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def test_flatten() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
