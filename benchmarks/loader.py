@@ -32,9 +32,13 @@ def _rate(loader, n_images: int, repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=Path, default=Path("data/demo"), help="ImageNet-layout folder")
-    p.add_argument("--shards", type=Path, default=Path("data/shards"), help="its shards (stages.shard output)")
+    p.add_argument(
+        "--shards", type=Path, default=Path("data/shards"), help="its shards (stages.shard output)"
+    )
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -46,15 +50,29 @@ def main() -> None:
 
     tf = create_transform(args.img_size, is_training=True, scale=(0.35, 1.0), interpolation="bicubic")
     _, count = shard_urls(args.shards, "train")
-    shards, steps = build_train_loader(args.shards, rank=0, world_size=1, batch_per_rank=args.batch,
-                                       transform=tf, seed=0, loader_workers=args.workers)
-    folder = DataLoader(ImageFolder(args.images / "train", transform=tf), batch_size=args.batch, shuffle=True,
-                        num_workers=args.workers, drop_last=True)
+    shards, steps = build_train_loader(
+        args.shards,
+        rank=0,
+        world_size=1,
+        batch_per_rank=args.batch,
+        transform=tf,
+        seed=0,
+        loader_workers=args.workers,
+    )
+    folder = DataLoader(
+        ImageFolder(args.images / "train", transform=tf),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+    )
     n = steps * args.batch
     folder_rate = _rate(folder, n, args.repeats)
     shard_rate = _rate(shards, n, args.repeats)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-          f"{args.workers} loader worker(s); {count} training images at {args.img_size}px, batch {args.batch}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"{args.workers} loader worker(s); {count} training images at {args.img_size}px, batch {args.batch}"
+    )
     print("| path | images/s | ratio |")
     print("|---|---:|---:|")
     print(f"| folder (ImageFolder, baseline) | {folder_rate:.0f} | 1.00 |")

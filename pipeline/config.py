@@ -49,7 +49,9 @@ class ShardConfig(_Section):
     """How the ImageNet-layout folder becomes WebDataset tar shards."""
 
     output: str = Field("data/shards", description="Folder the tar shards, manifest and index go to.")
-    max_samples_per_shard: int = Field(256, ge=1, description="Samples per tar shard (the last may hold fewer).")
+    max_samples_per_shard: int = Field(
+        256, ge=1, description="Samples per tar shard (the last may hold fewer)."
+    )
     seed: int = Field(0, ge=0, description="Seed of the sample-to-shard shuffle.")
 
 
@@ -85,7 +87,9 @@ class AugmentConfig(_Section):
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta alpha (0 disables).")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="Chance of CutMix instead of mixup.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Folded into the (soft) targets.")
-    crop_pct: float = Field(0.9, gt=0, le=1, description="Evaluation: resize to img_size/crop_pct, centre crop.")
+    crop_pct: float = Field(
+        0.9, gt=0, le=1, description="Evaluation: resize to img_size/crop_pct, centre crop."
+    )
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
 
@@ -104,9 +108,32 @@ class TrainConfig(_Section):
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="Stochastic depth.")
     clip_grad: float | None = Field(None, gt=0, description="Gradient norm clip (None: off).")
     augment: AugmentConfig = AugmentConfig()
+    max_batch_per_worker: int | None = Field(
+        None, gt=0, description="Largest micro-batch a worker fits; larger shares use gradient accumulation."
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the weights (None: off); "
+        "when on, the EMA weights are the ones evaluated, as the authors do.",
+    )
+    amp: Literal["bf16", "off"] = Field("bf16", description="bf16 autocast on GPU (CPU always runs fp32).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    channels_last: bool = Field(False, description="channels-last memory format for inputs and model.")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Also checkpoint every N steps (0: per epoch only)."
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
+    )
+    storage_path: str = Field(
+        "runs/ray", description="Ray checkpoints: a folder every node sees, or an s3:// URI."
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
     cpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads per CPU worker.")
     seed: int = Field(0, ge=0)
@@ -119,7 +146,21 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must divide evenly over num_workers ({self.num_workers})"
             )
+        share = self.batch_size // self.num_workers
+        if share % self.accumulation:
+            raise ValueError(
+                f"the per-worker batch ({share}) must split into {self.accumulation} equal "
+                f"micro-batches of at most max_batch_per_worker ({self.max_batch_per_worker})"
+            )
         return self
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step: the smallest count that fits ``max_batch_per_worker``."""
+        share = self.batch_size // self.num_workers
+        if not self.max_batch_per_worker or share <= self.max_batch_per_worker:
+            return 1
+        return -(-share // self.max_batch_per_worker)
 
 
 class VariantConfig(_Section):
@@ -134,7 +175,9 @@ class VariantConfig(_Section):
     def _known_train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(value) - set(TrainConfig.model_fields))
         if unknown:
-            raise ValueError(f"unknown train override(s) {unknown}; valid keys: {sorted(TrainConfig.model_fields)}")
+            raise ValueError(
+                f"unknown train override(s) {unknown}; valid keys: {sorted(TrainConfig.model_fields)}"
+            )
         return value
 
 
@@ -175,7 +218,9 @@ class StudyConfig(_Section):
             try:
                 self.train_for(name)
             except ValidationError as err:
-                raise ValueError(f"variants.{name}.train: {_format_errors(err, 'variants.' + name + '.train')}")
+                raise ValueError(
+                    f"variants.{name}.train: {_format_errors(err, 'variants.' + name + '.train')}"
+                ) from None
         return self
 
     def train_for(self, variant: str) -> TrainConfig:

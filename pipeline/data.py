@@ -66,16 +66,26 @@ class ShardStream(IterableDataset):
         shuffle_buffer: in-memory sample shuffle (training only).
     """
 
-    def __init__(self, urls: list[str], *, rank: int, world_size: int, transform: Callable,
-                 batches_per_rank: int | None = None, batch_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 512) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        rank: int,
+        world_size: int,
+        transform: Callable,
+        batches_per_rank: int | None = None,
+        batch_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 512,
+    ) -> None:
         super().__init__()
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
         self.transform, self.batches_per_rank, self.batch_size = transform, batches_per_rank, batch_size
-        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+        self.seed, self.shuffle_buffer, self.epoch, self.skip = seed, shuffle_buffer, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's shuffle; skip its first batches (resuming mid-epoch) without decoding them."""
+        self.epoch, self.skip = epoch, skip_batches
 
     def _consumer(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -101,17 +111,22 @@ class ShardStream(IterableDataset):
         mine = [urls[i % len(urls)] for i in range(consumer, max(len(urls), consumers), consumers)]
         worker = consumer % workers
         steps = self.batches_per_rank
-        quota = (steps // workers + (1 if worker < steps % workers else 0)) * self.batch_size
+        # The DataLoader takes batch i from worker i % workers, so worker w owns batches w, w+W, ...
+        owned = steps // workers + (1 if worker < steps % workers else 0)
+        skipped = min(owned, self.skip // workers + (1 if worker < self.skip % workers else 0))
+        quota = owned * self.batch_size
         rng = random.Random(f"{self.seed}-{self.epoch}-{consumer}")
 
         def cycle() -> Iterator[dict[str, Any]]:
             while True:
                 yield from wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples())
 
-        stream = wds.filters._shuffle(cycle(), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 2,
-                                       rng=rng)
-        for _, sample in zip(range(quota), stream):
-            yield decode_sample(sample, self.transform)
+        stream = wds.filters._shuffle(
+            cycle(), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng
+        )
+        for i, sample in zip(range(quota), stream, strict=False):
+            if i >= skipped * self.batch_size:
+                yield decode_sample(sample, self.transform)
 
 
 def batches_per_epoch(num_samples: int, world_size: int, batch_per_rank: int) -> int:
@@ -119,22 +134,52 @@ def batches_per_epoch(num_samples: int, world_size: int, batch_per_rank: int) ->
     return max(1, num_samples // (world_size * batch_per_rank))
 
 
-def build_train_loader(folder: str | Path, *, rank: int, world_size: int, batch_per_rank: int,
-                       transform: Callable, seed: int, loader_workers: int = 0) -> tuple[DataLoader, int]:
-    """The training loader and its number of batches per epoch (identical on every rank).
+def build_train_loader(
+    folder: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    batch_per_rank: int,
+    transform: Callable,
+    seed: int,
+    loader_workers: int = 0,
+    accumulation: int = 1,
+) -> tuple[DataLoader, int]:
+    """The training loader and its optimizer steps per epoch (identical on every rank).
 
+    The loader yields ``steps * accumulation`` micro-batches of ``batch_per_rank // accumulation``.
     """
     urls, count = shard_urls(folder, "train")
     steps = batches_per_epoch(count, world_size, batch_per_rank)
-    dataset = ShardStream(urls, rank=rank, world_size=world_size, transform=transform,
-                          batches_per_rank=steps, batch_size=batch_per_rank, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_per_rank, num_workers=loader_workers,
-                        persistent_workers=False, drop_last=True)
+    micro = batch_per_rank // accumulation
+    dataset = ShardStream(
+        urls,
+        rank=rank,
+        world_size=world_size,
+        transform=transform,
+        batches_per_rank=steps * accumulation,
+        batch_size=micro,
+        seed=seed,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        num_workers=loader_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
     return loader, steps
 
 
-def build_eval_loader(folder: str | Path, *, rank: int, world_size: int, batch_size: int,
-                      transform: Callable, loader_workers: int = 0) -> tuple[DataLoader, int]:
+def build_eval_loader(
+    folder: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    transform: Callable,
+    loader_workers: int = 0,
+) -> tuple[DataLoader, int]:
     """The validation loader (every sample once over all ranks) and the split's sample count."""
     urls, count = shard_urls(folder, "val")
     dataset = ShardStream(urls, rank=rank, world_size=world_size, transform=transform)
@@ -147,9 +192,16 @@ def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
     from timm.data import create_transform
 
     train = create_transform(
-        img_size, is_training=True, scale=(aug.scale_min, 1.0), hflip=aug.hflip,
-        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
+        img_size,
+        is_training=True,
+        scale=(aug.scale_min, 1.0),
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter,
+        auto_augment=aug.auto_augment,
+        re_prob=aug.re_prob,
         interpolation=aug.interpolation,
     )
-    evaluate = create_transform(img_size, is_training=False, crop_pct=aug.crop_pct, interpolation=aug.interpolation)
+    evaluate = create_transform(
+        img_size, is_training=False, crop_pct=aug.crop_pct, interpolation=aug.interpolation
+    )
     return train, evaluate

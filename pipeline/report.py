@@ -53,12 +53,23 @@ def collect(results_dir: Path, variants: list[str], tracking_uri: str) -> list[R
         try:
             run = client.get_run(record["run_id"])
         except MlflowException as err:
-            raise ReportError(f"{path}: MLflow run {record['run_id']} not found at {tracking_uri} ({err}); "
-                              f"re-run train@{variant} or point MLFLOW_TRACKING_URI at the store that has it")
+            raise ReportError(
+                f"{path}: MLflow run {record['run_id']} not found at {tracking_uri} ({err}); "
+                f"re-run train@{variant} or point MLFLOW_TRACKING_URI at the store that has it"
+            ) from None
         m = run.data.metrics
-        rows.append(Row(variant=variant, model=run.data.tags.get("model", record["model"]),
-                        top1=m["val_top1"], top5=m["val_top5"], params_m=m["params_m"], macs_g=m["macs_g"],
-                        images_per_s=m["images_per_s"], run_id=record["run_id"]))
+        rows.append(
+            Row(
+                variant=variant,
+                model=run.data.tags.get("model", record["model"]),
+                top1=m["val_top1"],
+                top5=m["val_top5"],
+                params_m=m["params_m"],
+                macs_g=m["macs_g"],
+                images_per_s=m["images_per_s"],
+                run_id=record["run_id"],
+            )
+        )
     return rows
 
 
@@ -82,11 +93,21 @@ def write_tables(rows: list[Row], out: Path) -> None:
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.variant} | {r.model} | {r.top1:.2f} | {r.top5:.2f} | {r.params_m:.2f} | "
-                     f"{r.macs_g:.3f} | {r.images_per_s:.1f} | `{r.run_id}` |")
+        lines.append(
+            f"| {r.variant} | {r.model} | {r.top1:.2f} | {r.top5:.2f} | {r.params_m:.2f} | "
+            f"{r.macs_g:.3f} | {r.images_per_s:.1f} | `{r.run_id}` |"
+        )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    metrics = {r.variant: {"top1": r.top1, "top5": r.top5, "params_m": r.params_m, "macs_g": r.macs_g,
-                           "images_per_s": r.images_per_s} for r in rows}
+    metrics = {
+        r.variant: {
+            "top1": r.top1,
+            "top5": r.top5,
+            "params_m": r.params_m,
+            "macs_g": r.macs_g,
+            "images_per_s": r.images_per_s,
+        }
+        for r in rows
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -65,8 +65,10 @@ def scan(source: Path) -> tuple[list[str], dict[str, list[Sample]], list[str]]:
         ShardError: the folder or a split is missing, or val holds a class train does not.
     """
     if not source.is_dir():
-        raise ShardError(f"data source {source} does not exist (or is not a folder); set data.root "
-                         "to an ImageNet-layout folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+        raise ShardError(
+            f"data source {source} does not exist (or is not a folder); set data.root "
+            "to an ImageNet-layout folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+        )
     for split in SPLITS:
         if not (source / split).is_dir():
             raise ShardError(f"{source / split} is missing: expected {source}/{split}/<wnid>/*.JPEG")
@@ -119,7 +121,9 @@ def _check_jpeg(data: bytes, sample: Sample) -> None:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except Exception as err:  # PIL raises many types for bad files
-        raise ShardError(f"{sample.path}: not a readable image ({err}); delete or replace it and re-run") from None
+        raise ShardError(
+            f"{sample.path}: not a readable image ({err}); delete or replace it and re-run"
+        ) from None
 
 
 def _write_shard(path: Path, samples: list[Sample], split: str) -> tuple[list[dict[str, Any]], int]:
@@ -135,8 +139,17 @@ def _write_shard(path: Path, samples: list[Sample], split: str) -> tuple[list[di
                 _check_jpeg(data, s)
                 meta = {"wnid": s.wnid, "label": s.label, "path": s.rel}
                 writer.write({"__key__": s.key, "jpg": data, "cls": s.label, "json": meta})
-                rows.append({"split": split, "shard": path.name, "key": s.key, "label": s.label,
-                             "wnid": s.wnid, "path": s.rel, "bytes": len(data)})
+                rows.append(
+                    {
+                        "split": split,
+                        "shard": path.name,
+                        "key": s.key,
+                        "label": s.label,
+                        "wnid": s.wnid,
+                        "path": s.rel,
+                        "bytes": len(data),
+                    }
+                )
         finally:
             writer.close()
     return rows, path.stat().st_size
@@ -150,8 +163,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shards(source: str | Path, output: str | Path, *, max_samples_per_shard: int = 256,
-                 seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
+def write_shards(
+    source: str | Path,
+    output: str | Path,
+    *,
+    max_samples_per_shard: int = 256,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Shard ``source`` into ``output`` and return the manifest (also written to ``output``).
 
     Raises:
@@ -174,9 +193,14 @@ def write_shards(source: str | Path, output: str | Path, *, max_samples_per_shar
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     manifest: dict[str, Any] = {
-        "version": MANIFEST_VERSION, "source": str(source.resolve()), "seed": seed,
-        "max_samples_per_shard": max_samples_per_shard, "classes": wnids,
-        "class_names": class_names(source, wnids), "ignored": ignored, "splits": {},
+        "version": MANIFEST_VERSION,
+        "source": str(source.resolve()),
+        "seed": seed,
+        "max_samples_per_shard": max_samples_per_shard,
+        "classes": wnids,
+        "class_names": class_names(source, wnids),
+        "ignored": ignored,
+        "splits": {},
     }
     rows: list[dict[str, Any]] = []
     try:
@@ -186,12 +210,13 @@ def write_shards(source: str | Path, output: str | Path, *, max_samples_per_shar
                 random.Random(f"{seed}-{split}").shuffle(order)
                 shards = []
                 for i in range(0, len(order), max_samples_per_shard):
-                    chunk = order[i:i + max_samples_per_shard]
+                    chunk = order[i : i + max_samples_per_shard]
                     path = tmp / f"{split}-{i // max_samples_per_shard:06d}.tar"
                     shard_rows, size = _write_shard(path, chunk, split)
                     rows.extend(shard_rows)
-                    shards.append({"name": path.name, "samples": len(chunk), "bytes": size,
-                                   "sha256": _sha256(path)})
+                    shards.append(
+                        {"name": path.name, "samples": len(chunk), "bytes": size, "sha256": _sha256(path)}
+                    )
                     bar.update(len(chunk))
                 manifest["splits"][split] = {
                     "count": len(order),
@@ -222,5 +247,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path} not found: run the shard stage first (dvc repro shard)")
     manifest = json.loads(path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ShardError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; re-shard")
+        raise ShardError(
+            f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; re-shard"
+        )
     return manifest

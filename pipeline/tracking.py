@@ -49,7 +49,9 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} is missing or not writable")
+            raise TrackingUnavailable(
+                f"MLflow SQLite store {uri}: folder {folder} is missing or not writable"
+            )
 
 
 def git_state(root: Path) -> dict[str, str]:

@@ -23,13 +23,21 @@ def main() -> None:
     if cfg.data.source != "demo":
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        (out / "SKIPPED.json").write_text(json.dumps({"reason": f"data.source is {cfg.data.source!r}"}) + "\n")
+        (out / "SKIPPED.json").write_text(
+            json.dumps({"reason": f"data.source is {cfg.data.source!r}"}) + "\n"
+        )
         return
     from pipeline.demo_data import generate_demo
 
     d = cfg.data.demo
-    generate_demo(out, num_classes=d.num_classes, train_per_class=d.train_per_class,
-                  val_per_class=d.val_per_class, image_size=d.image_size, seed=d.seed)
+    generate_demo(
+        out,
+        num_classes=d.num_classes,
+        train_per_class=d.train_per_class,
+        val_per_class=d.val_per_class,
+        image_size=d.image_size,
+        seed=d.seed,
+    )
 
 
 if __name__ == "__main__":

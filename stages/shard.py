@@ -32,9 +32,12 @@ def main() -> None:
         cfg = _cli.config(args.params)
         shards = cfg.data.shards
         source, output = resolve(args.source or cfg.data.root), resolve(args.output or shards.output)
-    write_shards(source, output,
-                 max_samples_per_shard=args.max_samples_per_shard or shards.max_samples_per_shard,
-                 seed=shards.seed if args.seed is None else args.seed)
+    write_shards(
+        source,
+        output,
+        max_samples_per_shard=args.max_samples_per_shard or shards.max_samples_per_shard,
+        seed=shards.seed if args.seed is None else args.seed,
+    )
 
 
 if __name__ == "__main__":

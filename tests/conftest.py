@@ -25,7 +25,14 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.shards import write_shards
 
     base = tmp_path_factory.mktemp("tiny")
-    generate_demo(base / "images", num_classes=4, train_per_class=12, val_per_class=4, image_size=40,
-                  seed=1, show_progress=False)
+    generate_demo(
+        base / "images",
+        num_classes=4,
+        train_per_class=12,
+        val_per_class=4,
+        image_size=40,
+        seed=1,
+        show_progress=False,
+    )
     write_shards(base / "images", base / "shards", max_samples_per_shard=10, seed=0, show_progress=False)
     return base / "shards"

@@ -119,6 +119,8 @@ def test_no_hyperparameter_in_cmd(root: Path) -> None:
 
 def test_config_is_immutable(root: Path) -> None:
     cfg = load_config(root / "params.yaml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         cfg.train.epochs = 1  # type: ignore[misc]
     assert copy.deepcopy(cfg) == cfg

@@ -26,14 +26,17 @@ def _sh(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
 def _copy_repo(root: Path, dest: Path, params: str) -> Path:
     """The tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         src = root / f
         if src.is_file():
@@ -59,7 +62,8 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     first = _sh(["dvc", "repro"], repo)
     assert _ran(first.stdout) == {"demo", "shard", "report", *(f"train@{v}" for v in variants)}
 
-    rows = list(csv.DictReader(open(repo / "reports" / "comparison.csv")))
+    with open(repo / "reports" / "comparison.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["variant"] for r in rows] == variants
     chance = 100 / params["data"]["demo"]["num_classes"]
     for r in rows:
@@ -80,7 +84,9 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
         assert run.data.tags["variant"] == v and run.data.tags["git_commit"] != "unknown"
         history = client.get_metric_history(record["run_id"], "val_top1")
         assert len(history) == params["train"]["epochs"]
-        assert [a.path for a in client.list_artifacts(record["run_id"], "checkpoint")] == ["checkpoint/model.pt"]
+        assert [a.path for a in client.list_artifacts(record["run_id"], "checkpoint")] == [
+            "checkpoint/model.pt"
+        ]
 
     # Nothing changed: nothing runs.
     second = _sh(["dvc", "repro"], repo)

@@ -20,7 +20,9 @@ from pipeline.shards import ShardError, read_manifest, write_shards
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("img") / "images"
-    generate_demo(out, num_classes=3, train_per_class=7, val_per_class=3, image_size=40, seed=3, show_progress=False)
+    generate_demo(
+        out, num_classes=3, train_per_class=7, val_per_class=3, image_size=40, seed=3, show_progress=False
+    )
     return out
 
 
@@ -97,9 +99,23 @@ def test_non_images_are_ignored_and_listed(images: Path, tmp_path: Path) -> None
 
 def test_standalone_cli_needs_no_params(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "stages.shard", "--source", str(images), "--output", str(out),
-                           "--params", str(tmp_path / "absent.yaml")], capture_output=True, text=True,
-                          cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": ""})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.shard",
+            "--source",
+            str(images),
+            "--output",
+            str(out),
+            "--params",
+            str(tmp_path / "absent.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_manifest(out)["splits"]["val"]["count"] == 9
 

@@ -3,14 +3,15 @@
 Sources (all transcribed in SPEC.md section 2):
 
 * Yuan et al., "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
-  arXiv:2101.11986 (ICCV 2021): parameters, MACs and ImageNet top-1 of T2T-ViT and its baselines
-  (ViT, arXiv:2010.11929; DeiT, arXiv:2012.12877).
+  arXiv:2101.11986 (ICCV 2021): parameters, MACs and ImageNet top-1 of T2T-ViT, its baselines
+  (ViT, arXiv:2010.11929; DeiT, arXiv:2012.12877) and its "From CNN to ViT" variants.
 * The authors' code (github.com/yitu-opensource/T2T-ViT): exact parameter counts, and MACs
   recounted under the all-matmul convention with ``torch.utils.flop_counter.FlopCounterMode``.
 
-Fields left ``None`` are not given by those sources. ``tests/test_models.py`` and
-``tests/test_cost.py`` check the models against ``params_all``, ``params_trainable`` and
-``macs_g_all_matmul``.
+Fields left ``None`` are not given by those sources. ``tests/test_models.py``,
+``tests/test_cost.py`` and ``tests/test_variants.py`` check the models against ``params_all``,
+``params_trainable`` and ``macs_g_all_matmul``; ``python -m pipeline.zoo`` tabulates every model
+against this dict.
 """
 
 from __future__ import annotations
@@ -121,5 +122,36 @@ PAPER: dict[str, PaperEntry] = {
         "deit_small_paper", params_m=22.1, macs_g=4.6, macs_g_all_matmul=4.599, top1=79.9,
         params_all=22_050_664,
     ),
+    # "From CNN to ViT", T2T-ViT side: the authors' code exists, so exact counts and recounted MACs.
+    # That table prints the first-version MACs (5.2 G for T2T-ViT-14); the README/ICCV ones are
+    # macs_g. Wide's README/ICCV column reads "5.0 / 5.4" (two copies disagree); 5.4 is the table's.
+    "t2t_vit_14_resnext": _entry(
+        "t2t_vit_14_resnext", params_m=21.5, macs_g=4.8, macs_g_early=5.2, macs_g_all_matmul=4.783, top1=81.5,
+        params_all=21_545_550, params_trainable=21_465_806,
+    ),
+    "t2t_vit_14_wide": _entry(
+        "t2t_vit_14_wide", params_m=25.1, macs_g=5.0, macs_g_early=5.4, macs_g_all_matmul=5.229, top1=77.9,
+        params_all=25_156_302, params_trainable=25_000_910,
+    ),
+    "t2t_vit_14_se": _entry(
+        "t2t_vit_14_se", params_m=21.9, macs_g=4.9, macs_g_early=5.2, macs_g_all_matmul=4.784, top1=81.6,
+        params_all=21_803_598, params_trainable=21_723_854,
+    ),
+    "t2t_vit_dense": _entry(
+        "t2t_vit_dense", params_m=23.7, macs_g=5.5, macs_g_early=5.9, macs_g_all_matmul=5.276, top1=80.6,
+        params_all=23_647_062, params_trainable=23_617_750,
+    ),
+    # The paper names it T2T-ViT-Ghost with depth 14; the code's model has depth 16.
+    "t2t_vit_16_ghost": _entry(
+        "t2t_vit_16_ghost", params_m=16.3, macs_g=3.7, macs_g_all_matmul=3.802, top1=79.5,
+        params_all=16_253_262, params_trainable=16_173_518,
+    ),
+    # "From CNN to ViT", ViT side: no public code, so only the paper's printed (rounded) numbers.
+    "vit_dn_paper": _entry("vit_dn_paper", params_m=24.5, macs_g=5.5, top1=79.0),
+    "vit_sw_paper": _entry("vit_sw_paper", params_m=47.9, macs_g=9.9, top1=69.9),
+    "vit_dense_paper": _entry("vit_dense_paper", params_m=46.7, macs_g=9.7, top1=76.8),
+    "vit_se_paper": _entry("vit_se_paper", params_m=49.2, macs_g=10.2, top1=78.4),
+    "vit_resnext_paper": _entry("vit_resnext_paper", params_m=48.6, macs_g=10.1, top1=78.0),
+    "vit_ghost_paper": _entry("vit_ghost_paper", params_m=32.1, macs_g=6.9, top1=73.7),
 }
 # fmt: on

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -51,9 +51,17 @@ __all__ = [
 
 TokensType = Literal["performer", "transformer"]
 
+#: (kernel, stride, padding) of one soft split.
+SoftSplit = tuple[int, int, int]
+
 #: (kernel, stride, padding) of the three soft splits; the strides multiply to the patch size 16.
-SOFT_SPLITS: tuple[tuple[int, int, int], ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+SOFT_SPLITS: tuple[SoftSplit, ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 PATCH_SIZE = math.prod(stride for _, stride, _ in SOFT_SPLITS)
+
+
+def nominal_patch_size(soft_splits: Sequence[SoftSplit]) -> int:
+    """The product of the soft splits' strides: the patch size the splits stand in for."""
+    return math.prod(stride for _, stride, _ in soft_splits)
 
 
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -251,7 +259,7 @@ class T2TModule(nn.Module):
 
     Args:
         img_size: Input side (or (height, width)); every side divisible by 16 gives side / 16 tokens.
-        patch_size: Must be 16, the product of the soft-split strides (accepted for the hook).
+        patch_size: Must be the product of the soft-split strides, 16 by default (accepted for the hook).
         in_chans: Image channels.
         embed_dim: Backbone width the last tokens are projected to.
         tokens_type: ``performer`` (T2T-ViT) or ``transformer`` (T2T-ViT_t).
@@ -260,6 +268,8 @@ class T2TModule(nn.Module):
             layers, 0 for Transformer layers).
         bias: Bias on the final projection (timm passes ``not pre_norm``).
         dynamic_img_pad: Unsupported; accepted so timm's hook can pass False.
+        soft_splits: (kernel, stride, padding) of the three soft splits; the paper's by default (DVT
+            changes the first one to get fewer tokens from the same image).
         device: Device of the weights.
         dtype: Dtype of the weights.
     """
@@ -276,21 +286,26 @@ class T2TModule(nn.Module):
         drop_rate: float | None = None,
         bias: bool = True,
         dynamic_img_pad: bool = False,
+        soft_splits: Sequence[SoftSplit] = SOFT_SPLITS,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if to_2tuple(patch_size) != (PATCH_SIZE, PATCH_SIZE):
-            raise ValueError(f"T2T-ViT's soft splits fix patch_size at {PATCH_SIZE}, got {patch_size}")
+        if len(soft_splits) != 3:
+            raise ValueError(f"T2T-ViT has three soft splits, got {len(soft_splits)}")
+        self.soft_splits: tuple[SoftSplit, ...] = tuple(tuple(split) for split in soft_splits)
+        patch = nominal_patch_size(self.soft_splits)
+        if to_2tuple(patch_size) != (patch, patch):
+            raise ValueError(f"T2T-ViT's soft splits fix patch_size at {patch}, got {patch_size}")
         if dynamic_img_pad:
             raise ValueError("T2T-ViT does not support dynamic_img_pad")
         dd = {"device": device, "dtype": dtype}
         self.img_size: tuple[int, int] = to_2tuple(img_size)
-        self.patch_size = (PATCH_SIZE, PATCH_SIZE)
+        self.patch_size = (patch, patch)
         self.grid_size: tuple[int, int] = (self._grid(self.img_size[0]), self._grid(self.img_size[1]))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.soft_splits
         self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
         self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
         self.soft_split2 = nn.Unfold(kernel_size=k2, stride=s2, padding=p2)
@@ -311,9 +326,8 @@ class T2TModule(nn.Module):
         self.attention2 = layer(token_dim * k1 * k1, token_dim)
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim, bias=bias, **dd)
 
-    @staticmethod
-    def _grid(side: int) -> int:
-        for kernel, stride, padding in SOFT_SPLITS:
+    def _grid(self, side: int) -> int:
+        for kernel, stride, padding in self.soft_splits:
             side = _split_size(side, kernel, stride, padding)
         return side
 
@@ -323,8 +337,8 @@ class T2TModule(nn.Module):
 
     def _stages(self) -> Iterator[tuple[nn.Module, nn.Module, tuple[int, int, int]]]:
         """(T2T layer, the soft split after it, that split's (kernel, stride, padding))."""
-        yield self.attention1, self.soft_split1, SOFT_SPLITS[1]
-        yield self.attention2, self.soft_split2, SOFT_SPLITS[2]
+        yield self.attention1, self.soft_split1, self.soft_splits[1]
+        yield self.attention2, self.soft_split2, self.soft_splits[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images (B, C, H, W) to (B, num_patches, embed_dim) tokens."""
@@ -332,7 +346,7 @@ class T2TModule(nn.Module):
         if (height, width) != self.img_size:
             raise ValueError(f"input is {height}x{width}, the model was built for {self.img_size}")
         x = self.soft_split0(x).transpose(1, 2)
-        height, width = (_split_size(side, *SOFT_SPLITS[0]) for side in (height, width))
+        height, width = (_split_size(side, *self.soft_splits[0]) for side in (height, width))
         for layer, soft_split, geometry in self._stages():
             x = layer(x).transpose(1, 2).reshape(batch, -1, height, width)
             x = soft_split(x).transpose(1, 2)
@@ -359,6 +373,7 @@ class T2TViT(VisionTransformer):
         tokens_type: ``performer`` (T2T-ViT) or ``transformer`` (T2T-ViT_t) T2T layers.
         token_dim: Width of the T2T layers.
         t2t_drop_rate: Dropout inside the T2T layers; None takes the authors' defaults.
+        soft_splits: (kernel, stride, padding) of the T2T module's three soft splits.
         qkv_bias: Bias on the backbone's qkv projections.
         drop_rate: Dropout after the position table and inside every block.
         attn_drop_rate: Dropout on the attention weights.
@@ -380,6 +395,7 @@ class T2TViT(VisionTransformer):
         tokens_type: TokensType = "performer",
         token_dim: int = 64,
         t2t_drop_rate: float | None = None,
+        soft_splits: Sequence[SoftSplit] = SOFT_SPLITS,
         qkv_bias: bool = False,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -388,11 +404,15 @@ class T2TViT(VisionTransformer):
         **kwargs: Any,
     ) -> None:
         embed_layer = partial(
-            T2TModule, tokens_type=tokens_type, token_dim=token_dim, drop_rate=t2t_drop_rate
+            T2TModule,
+            tokens_type=tokens_type,
+            token_dim=token_dim,
+            drop_rate=t2t_drop_rate,
+            soft_splits=soft_splits,
         )
         super().__init__(
             img_size=img_size,
-            patch_size=PATCH_SIZE,
+            patch_size=nominal_patch_size(soft_splits),
             in_chans=in_chans,
             num_classes=num_classes,
             embed_dim=embed_dim,

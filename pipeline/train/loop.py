@@ -9,6 +9,7 @@ model's name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -86,11 +87,15 @@ def build_model(spec: RunSpec) -> nn.Module:
 
     kwargs = {"drop_path_rate": spec.train.drop_path_rate, **spec.model_kwargs}
     try:
-        return timm.create_model(spec.model, num_classes=spec.num_classes, img_size=spec.train.img_size, **kwargs)
+        return timm.create_model(
+            spec.model, num_classes=spec.num_classes, img_size=spec.train.img_size, **kwargs
+        )
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"variant {spec.variant}: unknown model {spec.model!r}; "
-                             "see timm.list_models() after `import pipeline.models`") from None
+            raise ValueError(
+                f"variant {spec.variant}: unknown model {spec.model!r}; "
+                "see timm.list_models() after `import pipeline.models`"
+            ) from None
         raise
 
 
@@ -108,8 +113,9 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, task: ClassificationTask, device: torch.device,
-             autocast: dict[str, Any]) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: Any, task: ClassificationTask, device: torch.device, autocast: dict[str, Any]
+) -> dict[str, float]:
     """Top-1/top-5 (%) and loss over the whole split, summed over ranks."""
     model.eval()
     correct1 = correct5 = loss_sum = n = 0.0
@@ -128,72 +134,151 @@ def evaluate(model: nn.Module, loader: Any, task: ClassificationTask, device: to
     return {"val_top1": 100 * correct1 / n, "val_top5": 100 * correct5 / n, "val_loss": loss_sum / n}
 
 
+def _seed_for(cfg: TrainConfig, epoch: int, step: int, rank: int) -> int:
+    # Each step's RNG is a pure function of (seed, epoch, step, rank): a run resumed at any
+    # checkpoint draws the same augmentation as an uninterrupted one without storing every rank's
+    # RNG state (bit-exact with loader_workers=0; worker processes seed themselves per epoch).
+    return hash((cfg.seed, epoch, step, rank)) % 2**31
+
+
 def fit(spec: RunSpec, session: Session) -> dict[str, float]:
     """Train ``spec`` to its last epoch, resuming from the session's checkpoint if it has one.
+
+    Each epoch ends with a report carrying the metrics and (rank 0) the state to checkpoint;
+    with ``checkpoint_every_steps`` there are also mid-epoch reports whose metrics hold no
+    ``val_top1``. The per-worker share of the global batch is split into micro-batches when it
+    exceeds ``max_batch_per_worker`` (gradient accumulation, no DDP sync until the last one).
 
     Returns:
         The last epoch's metrics.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
 
     cfg, device, world = spec.train, session.device, session.world_size
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     model = build_model(spec).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     task = task_for(model, spec.num_classes, cfg.augment)
     train_tf, eval_tf = build_transforms(cfg.img_size, cfg.augment)
+    accum = cfg.accumulation
     batch = cfg.batch_size // world
-    train_loader, steps = build_train_loader(spec.shards, rank=session.rank, world_size=world,
-                                             batch_per_rank=batch, transform=train_tf, seed=cfg.seed,
-                                             loader_workers=cfg.loader_workers)
-    eval_loader, _ = build_eval_loader(spec.shards, rank=session.rank, world_size=world, batch_size=batch,
-                                       transform=eval_tf, loader_workers=cfg.loader_workers)
+    train_loader, steps = build_train_loader(
+        spec.shards,
+        rank=session.rank,
+        world_size=world,
+        batch_per_rank=batch,
+        transform=train_tf,
+        seed=cfg.seed,
+        loader_workers=cfg.loader_workers,
+        accumulation=accum,
+    )
+    eval_loader, _ = build_eval_loader(
+        spec.shards,
+        rank=session.rank,
+        world_size=world,
+        batch_size=batch // accum,
+        transform=eval_tf,
+        loader_workers=cfg.loader_workers,
+    )
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = CosineLRScheduler(
-        optimizer, t_initial=(cfg.epochs - cfg.cooldown_epochs) * steps, lr_min=cfg.min_lr,
-        warmup_t=round(cfg.warmup_epochs * steps), warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
+        optimizer,
+        t_initial=(cfg.epochs - cfg.cooldown_epochs) * steps,
+        lr_min=cfg.min_lr,
+        warmup_t=round(cfg.warmup_epochs * steps),
+        warmup_lr_init=cfg.warmup_lr,
+        t_in_epochs=False,
     )  # after t_initial the rate stays at lr_min: the cool-down epochs
-    start = 0
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+
+    epoch, step = 0, 0  # the next optimizer step to run
     if (state := session.checkpoint()) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
-        log.info("resuming %s at epoch %d", spec.variant, start)
-    net = nn.parallel.DistributedDataParallel(model) if dist.is_available() and dist.is_initialized() else model
-    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
-    schedule.step_update(start * steps)
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if step >= steps:
+            epoch, step = epoch + 1, 0
+        log.info("%s: resuming at epoch %d step %d", spec.variant, epoch, step)
+    net: nn.Module = model
+    if dist.is_available() and dist.is_initialized():
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)
+    autocast = {
+        "device_type": device.type,
+        "dtype": torch.bfloat16,
+        "enabled": device.type == "cuda" and cfg.amp == "bf16",
+    }
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def snapshot(epoch: int, step: int, metrics: dict[str, float]) -> dict[str, Any] | None:
+        if session.rank != 0:
+            return None
+        return {
+            "model": model.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "metrics": metrics,
+            "config": spec.to_dict(),
+            "mlflow_run_id": spec.run_id,
+        }
 
     metrics: dict[str, float] = {}
-    for epoch in range(start, cfg.epochs):
-        seed_everything(cfg.seed * 1000 + epoch * world + session.rank)  # distinct augmentation per rank
-        train_loader.dataset.set_epoch(epoch)
+    while epoch < cfg.epochs:
+        train_loader.dataset.set_epoch(epoch, skip_batches=step * accum)
         net.train()
-        loss_sum, tic = 0.0, time.perf_counter()
-        for i, (images, labels) in enumerate(train_loader):
-            images, target = task.targets(images.to(device), labels.to(device))
-            with torch.autocast(**autocast):
-                loss = task.loss(net(images), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        first, loss_sum, tic = step, 0.0, time.perf_counter()
+        micro = iter(train_loader)
+        for step in range(first, steps):
+            seed_everything(_seed_for(cfg, epoch, step, session.rank))
+            for k in range(accum):
+                images, labels = next(micro)
+                images, target = task.targets(
+                    images.to(device, non_blocking=True, memory_format=fmt),
+                    labels.to(device, non_blocking=True),
+                )
+                sync = k == accum - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
+                with contextlib.nullcontext() if sync else net.no_sync(), torch.autocast(**autocast):
+                    loss = task.loss(net(images), target) / accum
+                loss.backward()
+                loss_sum += loss.item()
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            schedule.step_update(epoch * steps + i + 1)
-            loss_sum += loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=epoch * steps + step + 1)
+            schedule.step_update(epoch * steps + step + 1)
+            done = step + 1
+            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps:
+                partial = {"epoch": epoch, "step": done}
+                session.report(partial, snapshot(epoch, done, partial))
         elapsed = time.perf_counter() - tic
-        train_loss, = _all_reduce([loss_sum / steps], device)
+        ran = max(steps - first, 1)
+        (train_loss,) = _all_reduce([loss_sum / ran], device)
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss / world,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": steps * cfg.batch_size / elapsed,
-            **evaluate(model, eval_loader, task, device, autocast),
+            "images_per_s": ran * cfg.batch_size / elapsed,
+            **evaluate(ema.module if ema is not None else model, eval_loader, task, device, autocast),
         }
-        log.info("%s epoch %d/%d %s", spec.variant, epoch + 1, cfg.epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        state = None
-        if session.rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "config": spec.to_dict()}
-        session.report(metrics, state)
+        log.info(
+            "%s epoch %d/%d %s",
+            spec.variant,
+            epoch + 1,
+            cfg.epochs,
+            " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
+        )
+        session.report(metrics, snapshot(epoch, steps, metrics))
+        epoch, step = epoch + 1, 0
     return metrics

@@ -101,8 +101,7 @@ def _init_ray(cfg_cpus: float) -> bool:
         ray.init(address=address, log_to_driver=True)
         return True
     log.info("starting a local Ray instance")
-    ray.init(log_to_driver=True,
-             num_cpus=max(int(cfg_cpus), os.cpu_count() or 1))
+    ray.init(log_to_driver=True, num_cpus=max(int(cfg_cpus), os.cpu_count() or 1))
     return True
 
 
@@ -129,8 +128,15 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     manifest = read_manifest(shards)
     uri = tracking_uri(root)
     check_tracking(uri)
-    spec = RunSpec(variant=variant, model=vcfg.model, train=tcfg, shards=str(shards),
-                   num_classes=len(manifest["classes"]), model_kwargs=dict(vcfg.model_kwargs), tracking_uri=uri)
+    spec = RunSpec(
+        variant=variant,
+        model=vcfg.model,
+        train=tcfg,
+        shards=str(shards),
+        num_classes=len(manifest["classes"]),
+        model_kwargs=dict(vcfg.model_kwargs),
+        tracking_uri=uri,
+    )
 
     model = build_model(spec)  # fails here, in seconds, on a bad model name or kwargs
     n_all, n_trainable = count_params(model)
@@ -146,24 +152,48 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     else:
         experiment_id = experiment.experiment_id
     phash = params_hash(tcfg, vcfg, cfg.data)
-    tags = {**git_state(root), "variant": variant, "model": vcfg.model, "dvc_stage": f"train@{variant}",
-            "params_hash": phash, "data_manifest_sha256": file_sha256(shards / MANIFEST)}
+    tags = {
+        **git_state(root),
+        "variant": variant,
+        "model": vcfg.model,
+        "dvc_stage": f"train@{variant}",
+        "params_hash": phash,
+        "data_manifest_sha256": file_sha256(shards / MANIFEST),
+    }
     if os.environ.get("RAY_JOB_ID"):
         tags["ray_job_id"] = os.environ["RAY_JOB_ID"]
     run = client.create_run(experiment_id, run_name=variant, tags=tags)
     run_id = run.info.run_id
     spec = RunSpec(**{**spec.__dict__, "run_id": run_id})
-    params = flatten({"variant": variant, "model": vcfg.model, "model_kwargs": vcfg.model_kwargs,
-                      "train": tcfg.model_dump(mode="json"), "num_classes": spec.num_classes})
+    params = flatten(
+        {
+            "variant": variant,
+            "model": vcfg.model,
+            "model_kwargs": vcfg.model_kwargs,
+            "train": tcfg.model_dump(mode="json"),
+            "num_classes": spec.num_classes,
+        }
+    )
     from mlflow.entities import Metric, Param
 
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric("params_m", n_all / 1e6, int(time.time() * 1000), 0),
-                              Metric("params_trainable_m", n_trainable / 1e6, int(time.time() * 1000), 0),
-                              Metric("macs_g", macs / 1e9, int(time.time() * 1000), 0)])
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        metrics=[
+            Metric("params_m", n_all / 1e6, int(time.time() * 1000), 0),
+            Metric("params_trainable_m", n_trainable / 1e6, int(time.time() * 1000), 0),
+            Metric("macs_g", macs / 1e9, int(time.time() * 1000), 0),
+        ],
+    )
     log.info("MLflow run %s (experiment %s) at %s", run_id, cfg.tracking.experiment, uri)
-    log.info("%s: %s, %.2f M params, %.3f G MACs at %d px", variant, vcfg.model, n_all / 1e6, macs / 1e9,
-             tcfg.img_size)
+    log.info(
+        "%s: %s, %.2f M params, %.3f G MACs at %d px",
+        variant,
+        vcfg.model,
+        n_all / 1e6,
+        macs / 1e9,
+        tcfg.img_size,
+    )
 
     started_ray = _init_ray(tcfg.num_workers * tcfg.cpus_per_worker)
     try:
@@ -171,8 +201,11 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
             _worker,
             train_loop_config={"spec": spec.to_dict()},
             torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                         resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=tcfg.num_workers,
+                use_gpu=tcfg.use_gpu,
+                resources_per_worker={"CPU": tcfg.cpus_per_worker},
+            ),
             run_config=RunConfig(
                 name=f"{variant}-{phash}-{run_id[:8]}",
                 storage_path=str(root / "runs" / "ray"),
@@ -199,13 +232,24 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     client.set_terminated(run_id, status="FINISHED")
 
     record = {
-        "variant": variant, "model": vcfg.model, "run_id": run_id, "experiment": cfg.tracking.experiment,
-        "epochs": tcfg.epochs, "img_size": tcfg.img_size,
-        "val_top1": metrics.get("val_top1"), "val_top5": metrics.get("val_top5"),
-        "params_m": n_all / 1e6, "macs_g": macs / 1e9, "images_per_s": metrics.get("images_per_s"),
+        "variant": variant,
+        "model": vcfg.model,
+        "run_id": run_id,
+        "experiment": cfg.tracking.experiment,
+        "epochs": tcfg.epochs,
+        "img_size": tcfg.img_size,
+        "val_top1": metrics.get("val_top1"),
+        "val_top5": metrics.get("val_top5"),
+        "params_m": n_all / 1e6,
+        "macs_g": macs / 1e9,
+        "images_per_s": metrics.get("images_per_s"),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("%s: val top-1 %.2f %% -> %s", variant, record["val_top1"] or float("nan"),
-             results_dir / f"{variant}.json")
+    log.info(
+        "%s: val top-1 %.2f %% -> %s",
+        variant,
+        record["val_top1"] or float("nan"),
+        results_dir / f"{variant}.json",
+    )
     return record

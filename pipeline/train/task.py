@@ -25,9 +25,13 @@ class ClassificationTask:
         self.smoothing = aug.label_smoothing
         self.mixup = None
         if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
-            self.mixup = Mixup(mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
-                               switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=aug.mixup_alpha,
+                cutmix_alpha=aug.cutmix_alpha,
+                switch_prob=aug.mixup_switch_prob,
+                label_smoothing=aug.label_smoothing,
+                num_classes=num_classes,
+            )
 
     def targets(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix a training batch; returns images and (soft or hard) targets."""
