@@ -5,8 +5,8 @@ Importing this package registers every model, after which ``timm.create_model("t
 the models are checked against live in :data:`PAPER`.
 """
 
-from pipeline.models import cnn_to_vit, t2t_vit, vit
+from pipeline.models import cnn_to_vit, dvt, t2t_vit, vit
 from pipeline.models.cost import count_macs, count_params
 from pipeline.models.paper import PAPER, PaperEntry
 
-__all__ = ["PAPER", "PaperEntry", "cnn_to_vit", "count_macs", "count_params", "t2t_vit", "vit"]
+__all__ = ["PAPER", "PaperEntry", "cnn_to_vit", "count_macs", "count_params", "dvt", "t2t_vit", "vit"]

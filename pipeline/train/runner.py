@@ -5,6 +5,14 @@ resolved params, tags, parameter count and MACs before any worker starts; worker
 :class:`~pipeline.train.loop.RunSpec` and call the same :func:`~pipeline.train.loop.fit` the
 single-process tests call, rank 0 logging per-epoch metrics into that run. A local Ray instance
 is started unless ``RAY_ADDRESS`` names a cluster.
+
+Resuming. The Ray run is named ``<variant>-<hash>``, the hash covering the variant's resolved
+recipe, its model and the data manifest. Ray resumes a run of that name from its last checkpoint,
+both after a worker dies (``FailureConfig(max_failures)`` restarts the worker group in place) and
+when an interrupted ``dvc repro`` is run again; the driver then reopens the same MLflow run (its
+id is in the checkpoint and in the run's tags), and rank 0 logs only epochs not logged yet, so
+one training is one MLflow run with every epoch exactly once. A params change gives a new hash,
+hence a fresh run; a finished run of the same hash is never resumed (``dvc repro -f`` retrains).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +37,17 @@ from pipeline.train.loop import RunSpec, build_model, fit
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+EPOCH_METRIC = "val_top1"  # present only in end-of-epoch reports
 
 
 class TrainingFailed(RuntimeError):
     """The Ray training run ended in an error; the MLflow run is marked FAILED."""
 
 
-def _log_epoch(spec: RunSpec, metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    if not spec.run_id:
-        return
-    now, step = int(time.time() * 1000), int(metrics["epoch"])
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-    MlflowClient(spec.tracking_uri).log_batch(spec.run_id, metrics=batch)
+def _logged_epochs(client: Any, run_id: str) -> int:
+    """How many epochs the MLflow run already holds (steps 0..n-1 of the epoch metric)."""
+    history = client.get_metric_history(run_id, EPOCH_METRIC)
+    return 1 + max((m.step for m in history), default=-1)
 
 
 class RaySession:
@@ -60,6 +65,23 @@ class RaySession:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(spec.train.torch_threads)
+        self.client = self.monitor = None
+        self.logged = 0
+        if self.rank == 0 and spec.run_id:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(spec.tracking_uri)
+            self.logged = _logged_epochs(self.client, spec.run_id)
+            # CPU, memory, disk, network; GPU utilisation and memory where pynvml finds a GPU.
+            self.monitor = SystemMetricsMonitor(
+                spec.run_id, sampling_interval=5, resume_logging=True, tracking_uri=spec.tracking_uri
+            )
+            self.monitor.start()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
 
     def checkpoint(self) -> dict[str, Any] | None:
         import ray.train
@@ -68,29 +90,56 @@ class RaySession:
         if ckpt is None:
             return None
         with ckpt.as_directory() as folder:
-            return torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=True)
+            state = torch.load(Path(folder) / STATE_FILE, map_location=self.device, weights_only=True)
+        if self.spec.run_id and state.get("mlflow_run_id") not in (None, self.spec.run_id):
+            raise TrainingFailed(
+                f"checkpoint {ckpt.path} belongs to MLflow run {state['mlflow_run_id']}, "
+                f"not {self.spec.run_id}"
+            )
+        # An epoch checkpointed but not logged (the worker died in between) is logged now.
+        if self.rank == 0 and EPOCH_METRIC in state.get("metrics", {}):
+            self._log(state["metrics"])
+        return state
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        epoch = int(metrics["epoch"])
+        if self.client is None or epoch < self.logged:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.spec.run_id, metrics=batch)
+        self.logged = epoch + 1
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 
-        # ray.train.report is a barrier: every rank calls it once per epoch; only rank 0 passes a checkpoint.
+        # ray.train.report is a barrier: every rank calls it at the same points; only rank 0
+        # passes a checkpoint. Metrics are logged after the checkpoint is persisted, so a crash
+        # in between leaves the epoch to be logged on resume rather than logged twice.
         if self.rank != 0 or state is None:
             ray.train.report(metrics)
             return
-        _log_epoch(self.spec, metrics)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        if EPOCH_METRIC in metrics:
+            self._log(metrics)
 
 
 def _worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = RunSpec.from_dict(config["spec"])
-    fit(spec, RaySession(spec))
+    session = RaySession(spec)
+    try:
+        fit(spec, session)
+    finally:
+        session.close()
 
 
-def _init_ray(cfg_cpus: float) -> bool:
-    """Connect to ``RAY_ADDRESS`` or start a local instance; returns whether we started it."""
+def _init_ray() -> bool:
+    """Connect to ``RAY_ADDRESS`` or start a local instance; returns whether this call did it."""
     import ray
 
     if ray.is_initialized():
@@ -99,10 +148,34 @@ def _init_ray(cfg_cpus: float) -> bool:
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
-        return True
-    log.info("starting a local Ray instance")
-    ray.init(log_to_driver=True, num_cpus=max(int(cfg_cpus), os.cpu_count() or 1))
+    else:
+        log.info("starting a local Ray instance (set RAY_ADDRESS to use a cluster)")
+        ray.init(log_to_driver=True)
     return True
+
+
+def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Local store: keep artifacts beside mlflow.db, not in whatever the cwd is.
+    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _resumable_run(client: Any, experiment_id: str, variant: str, phash: str, run_dir: Path) -> str | None:
+    """The unfinished MLflow run of this exact training, if Ray holds a checkpoint for it."""
+    if not any(run_dir.glob("checkpoint_*")):
+        return None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.variant = '{variant}' and tags.params_hash = '{phash}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs and runs[0].info.status != "FINISHED":
+        return runs[0].info.run_id
+    return None
 
 
 def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Path) -> dict[str, Any]:
@@ -113,10 +186,11 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
 
     Raises:
         TrackingUnavailable: the MLflow store cannot be reached (before anything starts).
-        TrainingFailed: a worker raised; the MLflow run is marked FAILED.
+        TrainingFailed: the workers failed more than ``max_failures`` times; the MLflow run is
+            marked FAILED and a re-run resumes from the last checkpoint.
     """
-    import mlflow
     import ray
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -137,65 +211,67 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
         model_kwargs=dict(vcfg.model_kwargs),
         tracking_uri=uri,
     )
-
     model = build_model(spec)  # fails here, in seconds, on a bad model name or kwargs
     n_all, n_trainable = count_params(model)
     macs = count_macs(model, tcfg.img_size)
     del model
 
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    experiment_id = _experiment_id(client, cfg.tracking.experiment, uri, root)
+    manifest_sha = file_sha256(shards / MANIFEST)
+    phash = params_hash(tcfg, vcfg, manifest_sha)
+    storage = resolve(tcfg.storage_path, root) if "://" not in tcfg.storage_path else None
+    name = f"{variant}-{phash}"
+    run_id = _resumable_run(client, experiment_id, variant, phash, storage / name) if storage else None
+    if run_id:
+        log.info("resuming MLflow run %s from the last checkpoint in %s", run_id, storage / name)
+        client.update_run(run_id, status="RUNNING")
     else:
-        experiment_id = experiment.experiment_id
-    phash = params_hash(tcfg, vcfg, cfg.data)
-    tags = {
-        **git_state(root),
-        "variant": variant,
-        "model": vcfg.model,
-        "dvc_stage": f"train@{variant}",
-        "params_hash": phash,
-        "data_manifest_sha256": file_sha256(shards / MANIFEST),
-    }
-    if os.environ.get("RAY_JOB_ID"):
-        tags["ray_job_id"] = os.environ["RAY_JOB_ID"]
-    run = client.create_run(experiment_id, run_name=variant, tags=tags)
-    run_id = run.info.run_id
-    spec = RunSpec(**{**spec.__dict__, "run_id": run_id})
-    params = flatten(
-        {
+        if storage is not None:
+            shutil.rmtree(storage / name, ignore_errors=True)  # a finished or orphaned run: start over
+        tags = {
+            **git_state(root),
             "variant": variant,
             "model": vcfg.model,
-            "model_kwargs": vcfg.model_kwargs,
-            "train": tcfg.model_dump(mode="json"),
-            "num_classes": spec.num_classes,
+            "dvc_stage": f"train@{variant}",
+            "params_hash": phash,
+            "data_manifest_sha256": manifest_sha,
         }
-    )
-    from mlflow.entities import Metric, Param
-
-    client.log_batch(
-        run_id,
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-        metrics=[
-            Metric("params_m", n_all / 1e6, int(time.time() * 1000), 0),
-            Metric("params_trainable_m", n_trainable / 1e6, int(time.time() * 1000), 0),
-            Metric("macs_g", macs / 1e9, int(time.time() * 1000), 0),
-        ],
-    )
+        if os.environ.get("RAY_JOB_ID"):
+            tags["ray_job_id"] = os.environ["RAY_JOB_ID"]
+        run_id = client.create_run(experiment_id, run_name=variant, tags=tags).info.run_id
+        params = flatten(
+            {
+                "variant": variant,
+                "model": vcfg.model,
+                "model_kwargs": vcfg.model_kwargs,
+                "train": tcfg.model_dump(mode="json"),
+                "num_classes": spec.num_classes,
+            }
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            metrics=[
+                Metric("params_m", n_all / 1e6, now, 0),
+                Metric("params_trainable_m", n_trainable / 1e6, now, 0),
+                Metric("macs_g", macs / 1e9, now, 0),
+            ],
+        )
+    if storage is None:
+        # Object-store checkpoints cannot be listed cheaply here: a worker-group restart still
+        # resumes in place, but each stage run gets its own Ray run (no resume across dvc repro).
+        name = f"{name}-{run_id[:8]}"
+    spec = RunSpec(**{**spec.__dict__, "run_id": run_id})
     log.info("MLflow run %s (experiment %s) at %s", run_id, cfg.tracking.experiment, uri)
     log.info(
         "%s: %s, %.2f M params, %.3f G MACs at %d px",
-        variant,
-        vcfg.model,
-        n_all / 1e6,
-        macs / 1e9,
-        tcfg.img_size,
+        *(variant, vcfg.model, n_all / 1e6, macs / 1e9, tcfg.img_size),
     )
 
-    started_ray = _init_ray(tcfg.num_workers * tcfg.cpus_per_worker)
+    started_ray = _init_ray()
+    status = "FAILED"
     try:
         trainer = TorchTrainer(
             _worker,
@@ -205,31 +281,43 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
                 num_workers=tcfg.num_workers,
                 use_gpu=tcfg.use_gpu,
                 resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                placement_strategy=tcfg.placement_strategy,
             ),
             run_config=RunConfig(
-                name=f"{variant}-{phash}-{run_id[:8]}",
-                storage_path=str(root / "runs" / "ray"),
-                failure_config=FailureConfig(max_failures=0),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                name=name,
+                storage_path=str(storage) if storage else tcfg.storage_path,
+                failure_config=FailureConfig(max_failures=tcfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray raises its own error types for a failed worker group
+            raise TrainingFailed(
+                f"training {variant} failed after {tcfg.max_failures} restart(s): {err}. "
+                "Re-run the stage to resume from the last checkpoint in "
+                f"{storage or tcfg.storage_path}/{name}."
+            ) from err
         if result.error is not None:
             raise TrainingFailed(f"training {variant} failed: {result.error}")
         metrics = result.metrics or {}
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as folder:
                 state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-                with tempfile.TemporaryDirectory() as out:
-                    torch.save({"model": state["model"], "config": state["config"]}, Path(out) / "model.pt")
-                    client.log_artifact(run_id, str(Path(out) / "model.pt"), artifact_path="checkpoint")
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+            metrics = state.get("metrics", metrics)
+            weights = state["ema"] if state.get("ema") is not None else state["model"]
+            with tempfile.TemporaryDirectory() as out:
+                torch.save({"model": weights, "config": state["config"]}, Path(out) / "model.pt")
+                client.log_artifact(run_id, str(Path(out) / "model.pt"), artifact_path="checkpoint")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        log.warning("interrupted: re-run the stage to resume %s from its last checkpoint", variant)
         raise
     finally:
+        client.set_terminated(run_id, status=status)
         if started_ray:
             ray.shutdown()
-    client.set_terminated(run_id, status="FINISHED")
 
     record = {
         "variant": variant,
@@ -246,10 +334,6 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info(
-        "%s: val top-1 %.2f %% -> %s",
-        variant,
-        record["val_top1"] or float("nan"),
-        results_dir / f"{variant}.json",
-    )
+    top1 = record["val_top1"] or float("nan")
+    log.info("%s: val top-1 %.2f %% -> %s", variant, top1, results_dir / f"{variant}.json")
     return record
