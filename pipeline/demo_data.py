@@ -8,24 +8,25 @@ Each class is a visual concept, a combination of factors shared with other class
 (circle, ring, cross, bars, triangle, square, star, crescent), a *colour family* (a band of hues) and,
 for more than 48 classes, a *fill texture* (plain, striped, dotted). The default 10 classes are
 5 shapes x 2 colour families, so neither mean colour nor shape alone separates them. Every shape is
-mirror-symmetric and drawn at a random rotation and position, so random-resized crops and horizontal
-flips keep the label.
+mirror-symmetric about its upright axis and placed off-centre, so random-resized crops and
+horizontal flips keep the label.
 
-Each image draws a difficulty ``d`` in [0, 1) that makes it harder in many ways at once: a smaller,
-less saturated, more jittered object, more and busier background texture, more distractors (smaller
-shapes of *other* classes in other colour families, so the model must find the main object), more
-blur and noise and, above d = 0.4, a chance of a bar occluding the object. Easy and hard images are
-therefore both present, which the dynamic early-exit model (DVT) needs to show its trade-off;
-:func:`difficulty` recomputes ``d`` of any image from its identity.
+Each image draws a difficulty ``d`` in [0, 1) that makes it harder in many ways at once (with
+strength ``d**1.5``): a smaller, less saturated object, further from the centre and further from
+upright (within 15 degrees when easy, any rotation when hard); busier background texture; more
+distractors (smaller look-alikes of *other* classes in other colour families, so the model must find
+the main object); more blur and noise; and, above d = 0.45, a chance of a bar occluding the object.
+Easy and hard images are therefore both present, which the dynamic early-exit model (DVT) needs to
+show its trade-off; :func:`difficulty` recomputes ``d`` of any image from its identity.
 
 Every image is seeded from ``(seed, split, class, index)``, so the bytes do not depend on the order
-of generation: the same arguments give byte-identical files.
+of generation: the same arguments give byte-identical files (with the same NumPy and Pillow builds;
+another JPEG encoder may round differently).
 """
 
 from __future__ import annotations
 
 import colorsys
-import io
 import json
 import logging
 import math
@@ -176,13 +177,18 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "ring":
         return np.abs(np.hypot(u, v) - 0.7) - 0.22
     if shape == "star":
-        rho, theta = np.hypot(u, v), np.arctan2(v, u)
-        spike = np.abs(((theta + math.pi / 2) * (5 / (2 * math.pi))) % 1.0 * 2 - 1)  # 1 at the points, one up
-        return (rho - (0.42 + 0.58 * spike)) * 0.6
+        # Fold into the half-sector between a point (angle 0, one pointing up) and the next notch,
+        # then take the distance to the straight edge joining them.
+        rho, theta = np.hypot(u, v), np.arctan2(v, u) + math.pi / 2
+        phi = np.abs((theta + math.pi / 5) % (2 * math.pi / 5) - math.pi / 5)
+        tip, notch = (1.0, 0.0), (0.45 * math.cos(math.pi / 5), 0.45 * math.sin(math.pi / 5))
+        ex, ey = notch[0] - tip[0], notch[1] - tip[1]
+        norm = math.hypot(ex, ey)
+        return ((rho * np.cos(phi) - tip[0]) * ey - rho * np.sin(phi) * ex) / norm
     if shape == "bars":
         return np.minimum(_box(u - 0.45, v, 0.2, 0.9), _box(u + 0.45, v, 0.2, 0.9))
     if shape == "crescent":
-        return np.maximum(np.hypot(u, v) - 0.9, 0.72 - np.hypot(u - 0.5, v))
+        return np.maximum(np.hypot(u, v) - 0.9, 0.72 - np.hypot(u, v + 0.5))  # horns up
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -225,11 +231,12 @@ def _draw_shape(
         return
     period = 0.45  # in object radii, so the pattern scales with the object
     if texture == 1:
-        on = np.sin(u * (2 * math.pi / period)) > 0
+        wave = np.sin(u * (2 * math.pi / period))
     else:
-        on = np.sin(u * (2 * math.pi / period)) * np.sin(v * (2 * math.pi / period)) > 0.35
+        wave = np.sin(u * (2 * math.pi / period)) * np.sin(v * (2 * math.pi / period)) - 0.35
+    on = np.clip(0.5 + 2 * wave, 0, 1)  # soft edges, against aliasing
+    _paint(img, alpha, colour * 0.35)
     _paint(img, alpha * on, colour)
-    _paint(img, alpha * ~on, colour * 0.35)
 
 
 def distractor_classes(spec: ClassSpec, specs: list[ClassSpec]) -> list[ClassSpec]:
@@ -259,7 +266,7 @@ def render_image(
     n = image_size
     ys, xs = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
 
-    # Background: a low-saturation gradient, busier (sinusoidal texture) as d grows.
+    # Background: a low-saturation gradient, busier (sinusoidal texture) on harder images.
     c0 = _hsv(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.25, 0.85))
     c1 = _hsv(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.25, 0.85))
     g = rng.uniform(0, 2 * math.pi)
@@ -383,7 +390,7 @@ def generate_demo(
     _check_int("image_size", image_size, 32)
     _check_int("seed", seed, 0)
     _check_int("jpeg_quality", jpeg_quality, 1, 100)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # so that "." still has a name to put ".tmp" after
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a folder")
 
@@ -420,9 +427,7 @@ def generate_demo(
                         index=i,
                         image_size=image_size,
                     )
-                    buf = io.BytesIO()
-                    image.save(buf, format="JPEG", quality=jpeg_quality)
-                    (folder / f"{spec.wnid}_{i}.JPEG").write_bytes(buf.getvalue())
+                    image.save(folder / f"{spec.wnid}_{i}.JPEG", format="JPEG", quality=jpeg_quality)
                     bar.update()
     (tmp / "LOC_synset_mapping.txt").write_text("".join(f"{s.wnid} {s.name}\n" for s in specs))
     meta = {

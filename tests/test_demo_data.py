@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import class_specs, difficulty, generate_demo
+from pipeline.demo_data import Split, class_specs, difficulty, generate_demo
 
 TINY = {"num_classes": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 48, "show_progress": False}
 
@@ -106,15 +106,23 @@ def test_existing_output_is_replaced(tiny: tuple[Path, dict], tmp_path: Path) ->
     (out / "train" / "stale").mkdir(parents=True)
     generate_demo(out, **TINY)
     assert _files(out) == _files(tiny[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_missing_parent_folders_are_created(tiny: tuple[Path, dict], tmp_path: Path) -> None:
+    generate_demo(tmp_path / "a" / "b", **TINY)
+    assert _files(tmp_path / "a" / "b") == _files(tiny[0])
 
 
 def test_classes_share_colour_and_shape_factors() -> None:
     specs = class_specs(10)
     assert len({(s.shape, s.family, s.texture) for s in specs}) == 10
     assert len({s.shape for s in specs}) == 5 and len({s.family for s in specs}) == 2
-    many = class_specs(1000)
-    assert len({(s.shape, s.family, s.texture) for s in many}) == 1000
-    assert len({s.wnid for s in many}) == 1000 and [s.wnid for s in many] == sorted(s.wnid for s in many)
+    for n in (2, 3, 17, 49, 100, 1000):  # up to the config's limit
+        specs = class_specs(n)
+        assert len({(s.shape, s.family, s.texture) for s in specs}) == n
+        assert len({s.name for s in specs}) == n
+        assert [s.wnid for s in specs] == sorted({s.wnid for s in specs})
 
 
 def test_images_do_not_depend_on_how_many_are_generated(tiny: tuple[Path, dict], tmp_path: Path) -> None:
@@ -125,7 +133,7 @@ def test_images_do_not_depend_on_how_many_are_generated(tiny: tuple[Path, dict],
 
 
 def test_difficulty_is_deterministic_and_spread() -> None:
-    def ds(split: str) -> list[float]:
+    def ds(split: Split) -> list[float]:
         return [difficulty(seed=0, split=split, class_index=c, index=i) for c in range(3) for i in range(50)]
 
     assert ds("val") == ds("val") != ds("train")

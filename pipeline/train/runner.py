@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,26 @@ def _init_ray() -> bool:
     return True
 
 
+def _watch_interrupts() -> threading.Event:
+    """An event set on SIGINT/SIGTERM, chained before the existing handlers (Ray may translate the
+    KeyboardInterrupt into its own error, so the exception type alone cannot tell)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return event
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            event.set()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(sig, handler)
+    return event
+
+
 def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -272,6 +294,7 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
 
     started_ray = _init_ray()
     status = "FAILED"
+    interrupted = _watch_interrupts()
     try:
         trainer = TorchTrainer(
             _worker,
@@ -310,9 +333,15 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
                 torch.save({"model": weights, "config": state["config"]}, Path(out) / "model.pt")
                 client.log_artifact(run_id, str(Path(out) / "model.pt"), artifact_path="checkpoint")
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Ctrl-C during fit() reaches Ray's own SIGINT handler, which aborts the workers and
+        # calls sys.exit(0): make sure DVC sees a failed stage, and the run reads as killed.
         status = "KILLED"
         log.warning("interrupted: re-run the stage to resume %s from its last checkpoint", variant)
+        raise SystemExit(130) from err
+    except BaseException:
+        if interrupted.is_set():
+            status = "KILLED"
         raise
     finally:
         client.set_terminated(run_id, status=status)
