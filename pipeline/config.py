@@ -48,11 +48,29 @@ class DemoConfig(_Section):
 class ShardConfig(_Section):
     """How the ImageNet-layout folder becomes WebDataset tar shards."""
 
-    output: str = Field("data/shards", description="Folder the tar shards, manifest and index go to.")
+    output: str = Field(
+        "data/shards",
+        description="Where the tar shards, manifest and index go: a folder (relative to the repo or "
+        "absolute) or an fsspec URI such as s3://bucket/imagenet-shards (docs/data.md).",
+    )
     max_samples_per_shard: int = Field(
         256, ge=1, description="Samples per tar shard (the last may hold fewer)."
     )
+    max_bytes_per_shard: int | None = Field(
+        None,
+        ge=1,
+        description="Also cut a shard before it exceeds this many bytes, planned from file sizes "
+        "(None: no byte limit).",
+    )
     seed: int = Field(0, ge=0, description="Seed of the sample-to-shard shuffle.")
+    workers: int = Field(
+        2, ge=0, description="Processes writing shards, one shard each at a time (0: one per CPU core)."
+    )
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail",
+        description="Empty, truncated or undecodable files: 'fail' stops the stage naming every one; "
+        "'skip' leaves them out and lists them, with the reason, in the manifest.",
+    )
 
 
 class DataConfig(_Section):
@@ -91,6 +109,11 @@ class AugmentConfig(_Section):
         0.9, gt=0, le=1, description="Evaluation: resize to img_size/crop_pct, centre crop."
     )
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    fast_decode: bool = Field(
+        False,
+        description="Decode JPEGs at a reduced DCT scale (PIL draft) when the crop or resize still "
+        "gets at least its output size in pixels: faster, differs only by resampling (docs/data.md).",
+    )
 
 
 class TrainConfig(_Section):
@@ -193,12 +216,28 @@ class ReportConfig(_Section):
     output: str = Field("reports", description="Folder for tables and plots.")
 
 
+class DVTConfig(_Section):
+    """The ``tune_dvt`` stage: the reuse ablation and the exit thresholds for a MACs budget."""
+
+    variant: str = Field(description="The trained multi-exit variant (a key of variants) to tune.")
+    budget_gmacs: float = Field(gt=0, description="Average MACs per image allowed, in G (all-matmul).")
+    holdout_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of the validation split that calibrates thresholds."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the calibration split and the searches.")
+    threshold_trials: int = Field(48, ge=1, description="Ray Tune (Optuna) trials over the thresholds.")
+    reuse_epochs: int = Field(3, ge=1, description="Epochs per reuse-ablation trial.")
+    reuse_workers: int = Field(1, ge=1, description="Ray Train workers per reuse-ablation trial.")
+    max_concurrent_trials: int = Field(2, ge=1)
+
+
 class StudyConfig(_Section):
     """Everything in params.yaml."""
 
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     variants: dict[str, VariantConfig] = Field(description="Name -> model; one DVC train stage each.")
+    dvt: DVTConfig
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig = ReportConfig()
 
@@ -211,6 +250,14 @@ class StudyConfig(_Section):
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"variant name {name!r} may hold only letters, digits, '_' and '-'")
         return value
+
+    @model_validator(mode="after")
+    def _dvt_variant_exists(self) -> StudyConfig:
+        if self.dvt.variant not in self.variants:
+            raise ValueError(
+                f"dvt.variant {self.dvt.variant!r} is not a key of variants {sorted(self.variants)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _overrides_valid(self) -> StudyConfig:

@@ -7,6 +7,10 @@ worker) with a per-epoch shuffle of the shard list from a shared seed, cycles a 
 when they run short, and stops every consumer after the same number of full batches. Evaluation
 reads every sample exactly once (ranks may see different counts; results are summed with one
 all-reduce, which every rank calls exactly once).
+
+Shards are read from a local folder or, through fsspec, from any URI the shard stage wrote to.
+With ``train.augment.fast_decode`` the JPEG decoder skips resolution the transform would throw
+away (:class:`FastDecode`, docs/data.md).
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import read_manifest
+from pipeline.shards import Store, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +36,52 @@ class SampleError(RuntimeError):
 
 
 def shard_urls(folder: str | Path, split: str) -> tuple[list[str], int]:
-    """Absolute shard paths of ``split`` and its sample count, from the manifest."""
-    folder = Path(folder)
+    """Shard locations of ``split`` (absolute paths, or URIs for remote storage) and its sample count."""
     entry = read_manifest(folder)["splits"][split]
-    return [str(folder / s["name"]) for s in entry["shards"]], int(entry["count"])
+    store = Store(folder)
+    return [store.url_of(s["name"]) for s in entry["shards"]], int(entry["count"])
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A shard for reading: a plain file when local, else through fsspec (s3://, gs://, ...)."""
+    if "://" not in url:
+        return open(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def read_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """The samples of ``urls`` in order, as WebDataset dicts (``__key__``, ``__url__``, ``jpg``...)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for url in urls:
+        try:
+            stream = open_shard(url)
+        except FileNotFoundError:
+            raise SampleError(
+                f"shard {url} is listed in the manifest but missing: re-run the shard stage "
+                "(dvc repro -f -s shard)"
+            ) from None
+        with stream:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
 def decode_sample(sample: dict[str, Any], transform: Callable) -> tuple[torch.Tensor, int]:
-    """JPEG bytes -> transformed RGB tensor, and the class index."""
+    """JPEG bytes -> transformed RGB tensor, and the class index.
+
+    A transform with ``takes_encoded = True`` (:class:`FastDecode`) gets the opened, not yet
+    decoded image, so it can choose the decoding scale; any other gets the decoded RGB image.
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(sample["jpg"])) as img:
-            image = transform(img.convert("RGB"))
+            image = (
+                transform(img)
+                if getattr(transform, "takes_encoded", False)
+                else transform(img.convert("RGB"))
+            )
         label = int(sample["cls"])
     except Exception as err:  # noqa: BLE001 - PIL raises many types; re-raised with the sample named
         raise SampleError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
@@ -100,8 +137,7 @@ class ShardStream(IterableDataset):
             mine = self.urls[consumer::consumers]
             if not mine:  # more consumers than shards: this one has nothing to evaluate
                 return
-            pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples())
-            for sample in pipeline:
+            for sample in read_samples(mine):
                 yield decode_sample(sample, self.transform)
             return
 
@@ -119,7 +155,12 @@ class ShardStream(IterableDataset):
 
         def cycle() -> Iterator[dict[str, Any]]:
             while True:
-                yield from wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples())
+                count = 0
+                for sample in read_samples(mine):
+                    count += 1
+                    yield sample
+                if not count:  # would otherwise spin forever, and hang every other rank with it
+                    raise SampleError(f"shards {mine} hold no samples")
 
         stream = wds.filters._shuffle(
             cycle(), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng
@@ -187,8 +228,80 @@ def build_eval_loader(
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers), count
 
 
+def dct_scale(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
+    """The largest JPEG DCT scale (1, 2, 4 or 8) at which a ``crop_h x crop_w`` region still has at
+    least ``out_h x out_w`` pixels, so resizing it to the output never upsamples what full decoding
+    would have downsampled."""
+    return next((s for s in (8, 4, 2) if crop_h / s >= out_h and crop_w / s >= out_w), 1)
+
+
+def draft(img: Any, scale: int) -> int:
+    """Ask ``img`` (opened, not yet loaded) to decode at ``1/scale``; returns the scale granted.
+
+    Only a JPEG can (libjpeg scales in the DCT domain, skipping most of the inverse DCT and colour
+    conversion); anything else, or an image already loaded, is decoded in full and gets 1.
+    """
+    if scale <= 1 or getattr(img, "format", None) != "JPEG":
+        return 1
+    width = img.width
+    img.draft("RGB", (max(1, img.width // scale), max(1, img.height // scale)))
+    return round(width / img.width)  # libjpeg's output is ceil(width / scale) wide
+
+
+class FastDecode:
+    """A timm transform whose first step tells the JPEG decoder how small it may decode.
+
+    - Training (first step a random-resized crop): the crop is drawn on the header's size, then the
+      image is decoded at the largest DCT scale at which the crop still has at least the output's
+      pixels (:func:`dct_scale`), and the crop box, scaled, is resized to the output in one step.
+    - Evaluation (first step a resize of the shorter side to ``img_size / crop_pct``): decoded at
+      the largest scale keeping both sides at least that long.
+
+    The result differs from full decoding only by where the downsampling happens (DCT domain, then
+    the same filter), never by upsampling. The random draws are the same as the wrapped transform's,
+    in the same order. Anything else (not a JPEG, another first step) is decoded in full.
+    """
+
+    takes_encoded = True
+
+    def __init__(self, transform: Callable) -> None:
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision import transforms as T
+
+        self.transform = transform
+        steps = list(getattr(transform, "transforms", []))
+        first = steps[0] if steps else None
+        self.crop = first if isinstance(first, RandomResizedCropAndInterpolation) else None
+        self.rest = T.Compose(steps[1:]) if self.crop else None
+        size = getattr(first, "size", None) if isinstance(first, T.Resize) else None
+        if isinstance(size, (list, tuple)):
+            size = size[0] if len(size) == 1 else None  # (h, w) ignores the aspect: no safe draft
+        self.min_side = size
+
+    def __call__(self, img: Any) -> Any:
+        if self.crop is not None:
+            return self.rest(self._crop(img))
+        if self.min_side:
+            draft(img, dct_scale(img.height, img.width, self.min_side, self.min_side))
+            return self.transform(img.convert("RGB"))
+        return self.transform(img.convert("RGB"))
+
+    def _crop(self, img: Any) -> Any:
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (list, tuple)):
+            interpolation = random.choice(interpolation)
+        out_h, out_w = self.crop.size
+        scale = draft(img, dct_scale(h, w, out_h, out_w))
+        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+        return img.convert("RGB").resize((out_w, out_h), pil_modes_mapping[interpolation], box=box)
+
+
 def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
-    """timm's train and eval transforms for an :class:`~pipeline.config.AugmentConfig`."""
+    """timm's train and eval transforms for an :class:`~pipeline.config.AugmentConfig`, wrapped in
+    :class:`FastDecode` when ``aug.fast_decode`` is set."""
     from timm.data import create_transform
 
     train = create_transform(
@@ -204,4 +317,6 @@ def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
     evaluate = create_transform(
         img_size, is_training=False, crop_pct=aug.crop_pct, interpolation=aug.interpolation
     )
+    if getattr(aug, "fast_decode", False):
+        return FastDecode(train), FastDecode(evaluate)
     return train, evaluate

@@ -68,7 +68,7 @@ MAX_FAMILIES_PLAIN = 6
 SPLIT_IDS = {"train": 0, "val": 1}
 #: Nuisances grow as difficulty**HARDNESS_POWER: the easier half stays clean enough for a small ViT
 #: to learn the shapes from, the hardest tail is still hard.
-HARDNESS_POWER = 1.5
+HARDNESS_POWER = 2.0
 
 Split = Literal["train", "val"]
 

@@ -1,166 +1,433 @@
-"""An ImageNet-layout folder to WebDataset tar shards, a JSON manifest and a parquet index.
+"""An ImageNet download to WebDataset tar shards, a JSON manifest and a parquet index: parallel,
+deterministic and resumable.
 
-Input: ``<source>/train/<wnid>/*.JPEG`` and ``<source>/val/<wnid>/*.JPEG`` (optional
-``LOC_synset_mapping.txt`` for class names). Output, in ``<output>/``:
+Input: any layout :func:`pipeline.imagenet.scan` accepts. Output, under ``output`` (a local folder
+or an fsspec URI such as ``s3://bucket/imagenet-shards``; every write goes through fsspec):
 
-- ``train-000000.tar`` ...: WebDataset shards. Each sample holds the JPEG bytes exactly as read
-  (``.jpg``, never re-encoded), its class index (``.cls``) and ``.json`` with wnid, label and
-  source path. Samples are assigned to shards by a seeded shuffle so every shard mixes classes, and
-  tar headers carry fixed metadata, so the same input and seed give byte-identical shards.
-- ``manifest.json``: counts per split and per class, every shard with its sample count, size and
-  sha256. Downstream stages read shard lists and counts from here.
-- ``index.parquet``: one row per sample (split, shard, key, label, wnid, source path, bytes).
+- ``train-000000.tar`` ...: WebDataset shards. A sample holds the image bytes (``.jpg``: an RGB
+  JPEG's bytes exactly as read; PNG, CMYK and grayscale files re-encoded once as RGB JPEG, see
+  :func:`~pipeline.imagenet.prepare_image`), its class index (``.cls``) and ``.json`` (wnid, label,
+  source path, ``converted_from``).
+- ``manifest.json``: classes, counts per split (found = written + skipped), every shard with its
+  sample count, size and sha256, the skipped files with their reason, the ignored non-image files.
+  Written last, and only when every shard is complete: downstream stages depend on it.
+- ``index.parquet``: one row per stored sample (split, shard, key, label, wnid, path, bytes,
+  converted_from).
+- ``manifest.partial.json``: the progress record, rewritten atomically as each shard completes.
 
-The folder is written to ``<output>.tmp`` and renamed into place at the end, so an interrupted
-run never leaves a half-written shard set that looks complete.
+Determinism: samples are assigned to shards by a seeded shuffle, shard boundaries are planned from
+the listing (and file sizes, when ``max_bytes_per_shard`` is set) before anything is written, and
+tar headers carry fixed metadata, so a shard's bytes depend only on its planned samples: the same
+input and seed give byte-identical shards whatever the number of worker processes.
+
+Resumption: each shard is written to ``<name>.tar.tmp`` and renamed when complete, then recorded
+with its sha256 in the partial manifest. A re-run with the same plan (listing with sizes and
+mtimes, seed, shard size) keeps every recorded shard whose sha256 still matches and writes only the
+rest; a changed plan removes the stale files and starts over.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import multiprocessing
+import os
 import random
-import shutil
+import re
+import tarfile
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pipeline.imagenet import JPEG_QUALITY, SPLITS, BadImage, Listing, Sample, ShardError, prepare_image, scan
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
-IMAGE_SUFFIXES = {".jpeg", ".jpg"}
+__all__ = ["MANIFEST", "INDEX", "PARTIAL", "ShardError", "ShardRun", "Store", "read_manifest", "write_shards"]
+
 MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
 INDEX = "index.parquet"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: Files this module writes into the output folder; only these are ever removed from it.
+OWN_FILES = re.compile(
+    r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet)(\.tmp)?$"
+)
+SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
 
 
-class ShardError(RuntimeError):
-    """The source folder cannot be sharded. The message names the path and what to do."""
+class Store:
+    """The output location through fsspec: a local folder, ``file://``, ``s3://``, ``memory://``...
+
+    ``memory://`` lives in one process: use it with ``workers=1`` (tests).
+    """
+
+    def __init__(self, url: str | Path) -> None:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def url_of(self, name: str) -> str:
+        """What a reader opens: a plain path when local, else the URI."""
+        return self.path(name) if self.local else f"{self.url.rstrip('/')}/{name}"
+
+    def names(self) -> list[str]:
+        if not self.fs.isdir(self.root):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    def exists(self, name: str) -> bool:
+        return self.fs.isfile(self.path(name))
+
+    def read(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def open(self, name: str, mode: str = "rb") -> Any:
+        return self.fs.open(self.path(name), mode)
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs.mv(self.path(src), self.path(dst))
+
+    def remove(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm_file(self.path(name))
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write ``name.tmp`` and rename it: readers see the old file or the new one, never half."""
+        with self.open(name + ".tmp", "wb") as fh:
+            fh.write(data)
+        self.move(name + ".tmp", name)
+
+    def makedirs(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+
+def resolve_output(output: str, root: Path | None = None) -> str:
+    """``data.shards.output`` as a location: a URI unchanged, a path made absolute against the repo."""
+    from pipeline.paths import resolve
+
+    return output if "://" in output else str(resolve(output, root))
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One image found in the source folder."""
+class ShardPlan:
+    """One shard to write: its file name, split and samples in order."""
 
-    path: Path
-    rel: str
-    wnid: str
-    label: int
+    name: str
+    split: str
+    samples: tuple[Sample, ...]
+
+
+@dataclass
+class ShardRun:
+    """What :func:`write_shards` did.
+
+    Attributes:
+        manifest: the manifest it wrote.
+        written: shards written by this call.
+        reused: shards kept from an earlier, interrupted call (sha256 checked).
+        images: images written by this call.
+        seconds: wall time of the call.
+    """
+
+    manifest: dict[str, Any]
+    written: list[str]
+    reused: list[str]
+    images: int
+    seconds: float
 
     @property
-    def key(self) -> str:
-        # WebDataset splits keys at the first dot, so keys carry no suffix and no dots.
-        return Path(self.rel).stem.replace(".", "_")
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def scan(source: Path) -> tuple[list[str], dict[str, list[Sample]], list[str]]:
-    """Find the classes and images of an ImageNet-layout folder.
+def _padded(n: int, unit: int = BLOCK) -> int:
+    return -(-n // unit) * unit
 
-    Returns:
-        (wnids in label order, samples per split sorted by path, ignored non-image files)
 
-    Raises:
-        ShardError: the folder or a split is missing, or val holds a class train does not.
+def _meta(s: Sample, converted_from: str | None) -> bytes:
+    return json.dumps(
+        {"converted_from": converted_from, "label": s.label, "path": s.rel, "wnid": s.wnid}, sort_keys=True
+    ).encode()
+
+
+def _tar_bytes(s: Sample) -> int:
+    """Bytes a verbatim sample takes in a tar: three headers and three block-padded members."""
+    return 3 * BLOCK + _padded(len(str(s.label))) + _padded(s.size) + _padded(len(_meta(s, None)))
+
+
+def plan_shards(
+    samples: dict[str, list[Sample]],
+    *,
+    seed: int,
+    max_samples_per_shard: int,
+    max_bytes_per_shard: int | None = None,
+) -> list[ShardPlan]:
+    """Assign samples to shards: a seeded shuffle per split, cut at the sample and byte limits.
+
+    The byte limit counts tar headers, padding and the end-of-archive record exactly for samples
+    stored verbatim, so such a shard never exceeds it (a re-encoded sample may be a little larger
+    than its file). A shard always holds at least one sample.
     """
-    if not source.is_dir():
-        raise ShardError(
-            f"data source {source} does not exist (or is not a folder); set data.root "
-            "to an ImageNet-layout folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
-        )
+    plans = []
     for split in SPLITS:
-        if not (source / split).is_dir():
-            raise ShardError(f"{source / split} is missing: expected {source}/{split}/<wnid>/*.JPEG")
-    wnids = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
-    if not wnids:
-        raise ShardError(f"{source / 'train'} holds no class folders (expected train/<wnid>/*.JPEG)")
-    labels = {w: i for i, w in enumerate(wnids)}
-    samples: dict[str, list[Sample]] = {}
-    ignored: list[str] = []
-    for split in SPLITS:
-        found: list[Sample] = []
-        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
-            if class_dir.name not in labels:
-                raise ShardError(f"{class_dir}: class {class_dir.name} is in {split} but not in train")
-            for f in sorted(class_dir.iterdir()):
-                rel = str(f.relative_to(source))
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(Sample(f, rel, class_dir.name, labels[class_dir.name]))
-                else:
-                    ignored.append(rel)
-        if not found:
-            raise ShardError(f"{source / split} holds no .JPEG images")
-        samples[split] = found
-    return wnids, samples, ignored
+        order = list(samples[split])
+        random.Random(f"{seed}-{split}").shuffle(order)
+        chunks: list[list[Sample]] = []
+        size = 0
+        for s in order:
+            extra = _tar_bytes(s)
+            full = chunks and len(chunks[-1]) >= max_samples_per_shard
+            if (
+                chunks
+                and max_bytes_per_shard
+                and _padded(size + extra + 2 * BLOCK, RECORD) > max_bytes_per_shard
+            ):
+                full = True
+            if not chunks or full:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(s)
+            size += extra
+        plans += [ShardPlan(f"{split}-{i:06d}.tar", split, tuple(c)) for i, c in enumerate(chunks)]
+    return plans
 
 
-def class_names(source: Path, wnids: list[str]) -> dict[str, str]:
-    """wnid -> human name from ``LOC_synset_mapping.txt`` when present, else the wnid itself."""
-    mapping = source / "LOC_synset_mapping.txt"
-    names = {w: w for w in wnids}
-    if mapping.is_file():
-        for line in mapping.read_text().splitlines():
-            wnid, _, name = line.strip().partition(" ")
-            if wnid in names:
-                names[wnid] = name.strip() or wnid
-    return names
+def _plan_id(listing: Listing, plans: list[ShardPlan], settings: dict[str, Any]) -> str:
+    """Identity of a plan: settings, classes, and every shard's files with size and mtime."""
+    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, JPEG_QUALITY, settings, listing.wnids]).encode())
+    for p in plans:
+        h.update(f"\n{p.name}\n".encode())
+        for s in p.samples:
+            h.update(f"{s.rel}\t{s.size}\t{s.mtime_ns}\t{s.label}\n".encode())
+    return h.hexdigest()
 
 
-def _check_jpeg(data: bytes, sample: Sample) -> None:
-    # A cheap structural check (start-of-image marker and a parseable header); full decoding of
-    # 1.28 M images here would double the stage's cost. Decoding errors that slip through are
-    # named by the loader with the shard and key.
-    import io
+class _Hashing:
+    """A write-only file that hashes and counts the bytes passing through to ``raw``."""
 
-    from PIL import Image
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
 
-    if not data:
-        raise ShardError(f"{sample.path}: empty file; delete or replace it and re-run")
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata, so the same samples give byte-identical tars on any machine and at any time.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class _Task:
+    url: str
+    name: str
+    samples: tuple[Sample, ...]
+    skip_bad: bool
+
+
+def _write_shard(task: _Task) -> dict[str, Any]:
+    """Write one shard to ``<name>.tmp``, rename it, and return its record (runs in a worker)."""
+    store = Store(task.url)
+    tmp = task.name + ".tmp"
+    converted, bad, count = [], [], 0
+    with store.open(tmp, "wb") as raw:
+        out = _Hashing(raw)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for s in task.samples:
+                try:
+                    data = Path(s.path).read_bytes()
+                    if len(data) != s.size:
+                        raise ShardError(
+                            f"{s.path} changed while sharding ({s.size} -> {len(data)} bytes); re-run"
+                        )
+                    data, kind = prepare_image(data)
+                except BadImage as err:
+                    bad.append({"path": s.rel, "reason": str(err)})
+                    continue
+                except FileNotFoundError:
+                    raise ShardError(f"{s.path} disappeared while sharding; re-run") from None
+                except OSError as err:
+                    bad.append({"path": s.rel, "reason": f"unreadable: {err.strerror or err}"})
+                    continue
+                if kind:
+                    converted.append([s.key, kind, len(data)])
+                _add(tar, f"{s.key}.cls", str(s.label).encode())
+                _add(tar, f"{s.key}.jpg", data)
+                _add(tar, f"{s.key}.json", _meta(s, kind))
+                count += 1
+    if bad and not task.skip_bad:
+        store.remove(tmp)
+        return {"name": task.name, "complete": False, "bad": bad}
+    store.move(tmp, task.name)
+    return {
+        "name": task.name,
+        "complete": True,
+        "samples": count,
+        "bytes": out.size,
+        "sha256": out.digest.hexdigest(),
+        "converted": converted,
+        "skipped": bad,
+    }
+
+
+def _sha256_of(args: tuple[str, str]) -> tuple[str, str | None]:
+    url, name = args
+    store = Store(url)
+    if not store.exists(name):
+        return name, None
+    digest = hashlib.sha256()
+    with store.open(name) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return name, digest.hexdigest()
+
+
+def _run(fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over ``tasks``, results as they complete: in this process with one worker, else in a pool
+    of processes, one task (shard) at a time per process."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    # Not fork: the parent has threads (tqdm's monitor; torch's, under pytest) that a fork would copy
+    # mid-flight. A fork server costs about a second once and is the default from Python 3.14.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
+    futures = [pool.submit(fn, t) for t in tasks]
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types for bad files
-        raise ShardError(
-            f"{sample.path}: not a readable image ({err}); delete or replace it and re-run"
-        ) from None
+        for future in as_completed(futures):
+            yield future.result()
+    finally:  # normal end, an error or Ctrl-C: nothing new starts; running shards finish or die
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_shard(path: Path, samples: list[Sample], split: str) -> tuple[list[dict[str, Any]], int]:
-    import webdataset as wds
-
-    rows = []
-    with open(path, "wb") as fh:
-        # Fixed mtime/user/group so the same input gives byte-identical tars.
-        writer = wds.TarWriter(fh, mtime=0.0, user="", group="")
+def _resume(store: Store, plan_id: str, plans: list[ShardPlan], workers: int) -> dict[str, Any]:
+    """The progress record to continue from; removes whatever does not belong to it."""
+    partial = None
+    if store.exists(PARTIAL):
         try:
-            for s in samples:
-                data = s.path.read_bytes()
-                _check_jpeg(data, s)
-                meta = {"wnid": s.wnid, "label": s.label, "path": s.rel}
-                writer.write({"__key__": s.key, "jpg": data, "cls": s.label, "json": meta})
+            partial = json.loads(store.read(PARTIAL))
+        except ValueError:
+            log.warning("%s is unreadable: starting over", store.path(PARTIAL))
+    own = [n for n in store.names() if OWN_FILES.match(n)]
+    if not partial or partial.get("plan") != plan_id:
+        if own:
+            log.info(
+                "no progress record for this plan: removing %d earlier file(s) from %s", len(own), store.url
+            )
+        for name in own:
+            store.remove(name)
+        return {"version": MANIFEST_VERSION, "plan": plan_id, "shards": {}, "bad": []}
+    planned = {p.name for p in plans}
+    records = {n: r for n, r in partial["shards"].items() if n in planned}
+    for name in own:
+        if name not in records and name != PARTIAL:
+            store.remove(name)  # temporaries, unplanned or unrecorded shards, an old manifest and index
+    checked = dict(_run(_sha256_of, [(store.url, n) for n in sorted(records)], workers))
+    for name in sorted(records):
+        if checked[name] != records[name]["sha256"]:
+            log.warning("%s is missing or does not match its recorded sha256: rewriting it", store.path(name))
+            store.remove(name)
+            del records[name]
+    return {**partial, "shards": records, "bad": []}
+
+
+def _index_and_manifest(
+    listing: Listing, plans: list[ShardPlan], records: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> tuple[bytes, dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        mine = [p for p in plans if p.split == split]
+        shards, per_class, converted, skipped = [], Counter(), Counter(), []
+        for p in mine:
+            record = records[p.name]
+            gone = {b["path"] for b in record["skipped"]}
+            changed = {key: (kind, size) for key, kind, size in record["converted"]}
+            skipped += record["skipped"]
+            for s in p.samples:
+                if s.rel in gone:
+                    continue
+                kind, size = changed.get(s.key, (None, s.size))
+                converted[kind] += kind is not None
+                per_class[s.wnid] += 1
                 rows.append(
                     {
                         "split": split,
-                        "shard": path.name,
+                        "shard": p.name,
                         "key": s.key,
                         "label": s.label,
                         "wnid": s.wnid,
                         "path": s.rel,
-                        "bytes": len(data),
+                        "bytes": size,
+                        "converted_from": kind,
                     }
                 )
-        finally:
-            writer.close()
-    return rows, path.stat().st_size
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            if record["samples"]:  # a shard whose every sample was skipped would stall a reader
+                shards.append({"name": p.name, **{k: record[k] for k in ("samples", "bytes", "sha256")}})
+        found, written = len(listing.samples[split]), sum(per_class.values())
+        if found != written + len(skipped):  # an invariant: nothing is ever dropped silently
+            raise AssertionError(f"{split}: found {found} != written {written} + skipped {len(skipped)}")
+        splits[split] = {
+            "found": found,
+            "written": written,
+            "count": written,
+            "skipped": sorted(skipped, key=lambda b: b["path"]),
+            "converted": {k: v for k, v in sorted(converted.items(), key=lambda kv: str(kv[0])) if k and v},
+            "per_class": dict(sorted(per_class.items())),
+            "shards": shards,
+        }
+    schema = pa.schema(
+        [
+            ("split", pa.string()),
+            ("shard", pa.string()),
+            ("key", pa.string()),
+            ("label", pa.int32()),
+            ("wnid", pa.string()),
+            ("path", pa.string()),
+            ("bytes", pa.int64()),
+            ("converted_from", pa.string()),
+        ]
+    )
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    index = buf.getvalue()
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": str(listing.root),
+        "layout": listing.layout,
+        **settings,
+        "jpeg_quality_of_converted": JPEG_QUALITY,
+        "classes": listing.wnids,
+        "class_names": listing.class_names,
+        "ignored": listing.ignored,
+        "splits": splits,
+        "index": {"name": INDEX, "rows": len(rows), "sha256": hashlib.sha256(index).hexdigest()},
+    }
+    return index, manifest
 
 
 def write_shards(
@@ -168,86 +435,143 @@ def write_shards(
     output: str | Path,
     *,
     max_samples_per_shard: int = 256,
+    max_bytes_per_shard: int | None = None,
     seed: int = 0,
+    workers: int = 2,
+    on_bad_image: Literal["fail", "skip"] = "fail",
     show_progress: bool = True,
-) -> dict[str, Any]:
-    """Shard ``source`` into ``output`` and return the manifest (also written to ``output``).
+) -> ShardRun:
+    """Shard ``source`` into ``output`` (a folder or an fsspec URI), resuming an interrupted run.
+
+    Args:
+        source: an ImageNet download in a layout :func:`pipeline.imagenet.scan` accepts.
+        output: where the shards, index and manifest go.
+        max_samples_per_shard, max_bytes_per_shard: cut a shard at whichever comes first (bytes:
+            None for no limit).
+        seed: of the sample-to-shard shuffle.
+        workers: processes writing shards (0: one per CPU core); the output does not depend on it.
+        on_bad_image: ``fail`` names every empty, truncated or undecodable file and writes no
+            manifest; ``skip`` leaves them out and lists them, with the reason, in the manifest.
+        show_progress: a tqdm bar with images/s and the time left.
 
     Raises:
-        ShardError: bad layout or an unreadable image; nothing is left under ``output``.
+        ShardError: the layout is not recognised (nothing is created), or bad images under ``fail``
+            (complete shards are kept for the next run, no manifest is written).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    source, output = Path(source), Path(output)
+    tic = time.perf_counter()
     if max_samples_per_shard < 1:
         raise ShardError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
-    wnids, samples, ignored = scan(source)
-    total = sum(len(v) for v in samples.values())
-    log.info("sharding %d images of %d classes from %s into %s", total, len(wnids), source, output)
-    if ignored:
-        log.warning("ignoring %d non-image files (listed in the manifest), e.g. %s", len(ignored), ignored[0])
-
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest: dict[str, Any] = {
-        "version": MANIFEST_VERSION,
-        "source": str(source.resolve()),
+    if max_bytes_per_shard is not None and max_bytes_per_shard < 1:
+        raise ShardError(f"max_bytes_per_shard must be >= 1 or None, got {max_bytes_per_shard}")
+    if on_bad_image not in ("fail", "skip"):
+        raise ShardError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    workers = workers or os.cpu_count() or 1
+    listing = scan(source)  # before the output is touched: a bad layout leaves nothing behind
+    settings = {
         "seed": seed,
         "max_samples_per_shard": max_samples_per_shard,
-        "classes": wnids,
-        "class_names": class_names(source, wnids),
-        "ignored": ignored,
-        "splits": {},
+        "max_bytes_per_shard": max_bytes_per_shard,
     }
-    rows: list[dict[str, Any]] = []
-    try:
-        with tqdm(total=total, unit="img", desc="shard", disable=not show_progress) as bar:
-            for split in SPLITS:
-                order = list(samples[split])
-                random.Random(f"{seed}-{split}").shuffle(order)
-                shards = []
-                for i in range(0, len(order), max_samples_per_shard):
-                    chunk = order[i : i + max_samples_per_shard]
-                    path = tmp / f"{split}-{i // max_samples_per_shard:06d}.tar"
-                    shard_rows, size = _write_shard(path, chunk, split)
-                    rows.extend(shard_rows)
-                    shards.append(
-                        {"name": path.name, "samples": len(chunk), "bytes": size, "sha256": _sha256(path)}
-                    )
-                    bar.update(len(chunk))
-                manifest["splits"][split] = {
-                    "count": len(order),
-                    "per_class": dict(sorted(Counter(s.wnid for s in order).items())),
-                    "shards": shards,
-                }
-        pq.write_table(pa.Table.from_pylist(rows), tmp / INDEX)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
+    plans = plan_shards(
+        listing.samples,
+        seed=seed,
+        max_samples_per_shard=max_samples_per_shard,
+        max_bytes_per_shard=max_bytes_per_shard,
+    )
+    if listing.ignored:
+        log.warning(
+            "ignoring %d non-image file(s) (listed in the manifest), e.g. %s",
+            len(listing.ignored),
+            listing.ignored[0],
+        )
+
+    store = Store(output)
+    store.makedirs()
+    if store.local and not store.exists(".gitignore"):
+        # Shards are data: DVC records the manifest's hash in dvc.lock; git should see none of it.
+        store.write_atomic(".gitignore", b"# written by pipeline/shards.py: data, tracked by DVC\n*\n")
+    store.remove(MANIFEST)  # whatever happens next, no manifest until every shard is done
+    partial = _resume(store, _plan_id(listing, plans, settings), plans, workers)
+    records = partial["shards"]
+    store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
+    todo = [p for p in plans if p.name not in records]
+    reused = [p.name for p in plans if p.name in records]
+    total = sum(len(p.samples) for p in plans)
+    log.info(
+        "sharding %d images of %d classes from %s into %s: %d shards, %d already complete, %d worker(s)",
+        total,
+        len(listing.wnids),
+        listing.root,
+        store.url,
+        len(plans),
+        len(reused),
+        workers,
+    )
+    tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip") for p in todo]
+    bad: list[dict[str, str]] = []
+    written, images = [], 0
+    sizes = {p.name: len(p.samples) for p in todo}
+    done_before = total - sum(sizes.values())
+    with tqdm(total=total, initial=done_before, unit="img", desc="shard", disable=not show_progress) as bar:
+        for result in _run(_write_shard, tasks, workers):
+            name = result.pop("name")
+            if result.pop("complete"):
+                records[name] = result
+                written.append(name)
+                images += result["samples"]
+            else:
+                bad += result["bad"]
+            partial["bad"] = sorted(bad, key=lambda b: b["path"])
+            store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
+            bar.update(sizes[name])
+    if bad:
+        listed = "\n".join(f"  {listing.root / b['path']}: {b['reason']}" for b in partial["bad"])
+        raise ShardError(
+            f"{len(bad)} bad image file(s) in {listing.root} (on_bad_image: fail). Replace or delete "
+            "them, or set data.shards.on_bad_image: skip to leave them out, listed in the manifest (that "
+            f"keeps the {len(records)} complete shards; changing the files re-plans from scratch):\n{listed}"
+        )
+    index, manifest = _index_and_manifest(listing, plans, records, settings)
+    store.write_atomic(INDEX, index)
+    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    run = ShardRun(manifest, sorted(written), reused, images, time.perf_counter() - tic)
     for split in SPLITS:
         s = manifest["splits"][split]
-        log.info("%s: %d images in %d shards", split, s["count"], len(s["shards"]))
-    return manifest
+        log.info(
+            "%s: %d found, %d written in %d shards, %d skipped, converted %s",
+            split,
+            s["found"],
+            s["written"],
+            len(s["shards"]),
+            len(s["skipped"]),
+            s["converted"] or "none",
+        )
+    log.info(
+        "%d shard(s) written, %d kept from an earlier run; %d images in %.1f s (%.0f images/s)",
+        len(written),
+        len(reused),
+        images,
+        run.seconds,
+        run.images_per_s,
+    )
+    return run
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Load ``<folder>/manifest.json``.
+    """Load ``<folder>/manifest.json`` (a local folder or an fsspec URI).
 
     Raises:
         ShardError: missing or from an incompatible version, naming the file and the fix.
     """
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path} not found: run the shard stage first (dvc repro shard)")
-    manifest = json.loads(path.read_text())
+    store = Store(folder)
+    if not store.exists(MANIFEST):
+        raise ShardError(f"{store.url_of(MANIFEST)} not found: run the shard stage first (dvc repro shard)")
+    manifest = json.loads(store.read(MANIFEST))
     if manifest.get("version") != MANIFEST_VERSION:
         raise ShardError(
-            f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; re-shard"
+            f"{store.url_of(MANIFEST)}: manifest version {manifest.get('version')} != "
+            f"{MANIFEST_VERSION}; re-shard"
         )
     return manifest

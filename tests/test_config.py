@@ -87,7 +87,10 @@ def _declared(root: Path) -> dict[str, list[str]]:
     out = {}
     for name, stage in stages.items():
         body = stage.get("do", stage)
-        out[name] = [p.replace("${key}", "{variant}") for p in body.get("params", [])]
+        out[name] = [
+            p.replace("${key}", "{variant}").replace("${dvt.variant}", "{dvt_variant}")
+            for p in body.get("params", [])
+        ]
     return out
 
 
@@ -104,6 +107,7 @@ def test_declared_params_exist_in_config(root: Path) -> None:
     for params in _declared(root).values():
         for key in params:
             node = cfg
+            key = key.replace("{dvt_variant}", cfg["dvt"]["variant"])
             for part in key.replace("{variant}", variant).split("."):
                 assert part in node, f"{key} is declared in dvc.yaml but is not a config key"
                 node = node[part]

@@ -60,7 +60,7 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     variants = list(params["variants"])
 
     first = _sh(["dvc", "repro"], repo)
-    assert _ran(first.stdout) == {"demo", "shard", "report", *(f"train@{v}" for v in variants)}
+    assert _ran(first.stdout) == {"demo", "shard", "tune_dvt", "report", *(f"train@{v}" for v in variants)}
 
     with open(repo / "reports" / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -88,12 +88,24 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
             "checkpoint/model.pt"
         ]
 
+    # The DVT study: every reuse combination and both threshold searches, as MLflow child runs.
+    best = yaml.safe_load((repo / "results" / "dvt" / "best.yaml").read_text())
+    assert len(best["reuse"]["val_top1"]) == 4
+    for search in ("msdnet", "optuna"):
+        assert best["thresholds"][search]["avg_gmacs"] <= params["dvt"]["budget_gmacs"] + 1e-9
+    children = client.search_runs(
+        [client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{best['mlflow_run_id']}'",
+    )
+    assert len(children) == 4 + params["dvt"]["threshold_trials"]
+    assert (repo / "results" / "dvt" / "curve.png").stat().st_size > 1000
+
     # Nothing changed: nothing runs.
     second = _sh(["dvc", "repro"], repo)
     assert _ran(second.stdout) == set(), second.stdout
 
     # One variant's params change: only its training and the report run again.
-    changed = variants[-1]
+    changed = [v for v in variants if v != params["dvt"]["variant"]][-1]
     params["variants"][changed].setdefault("train", {})["epochs"] = params["train"]["epochs"] + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _sh(["dvc", "repro"], repo)

@@ -116,22 +116,37 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 def evaluate(
     model: nn.Module, loader: Any, task: ClassificationTask, device: torch.device, autocast: dict[str, Any]
 ) -> dict[str, float]:
-    """Top-1/top-5 (%) and loss over the whole split, summed over ranks."""
+    """Top-1/top-5 (%) and loss over the whole split, summed over ranks.
+
+    Multi-exit models also get ``val_top1_exit<k>`` for every exit k (1-based); the plain
+    ``val_*`` metrics are the last exit's.
+    """
     model.eval()
-    correct1 = correct5 = loss_sum = n = 0.0
+    sums: list[float] | None = None
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(**autocast):
-            logits = task.logits(model(images)).float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            exits = [x.float() for x in task.exits(model(images))]
+        logits = exits[-1]
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=-1).sum().item()
-        n += labels.numel()
-    correct1, correct5, loss_sum, n = _all_reduce([correct1, correct5, loss_sum, n], device)
+        batch = [
+            hits[:, 0].sum().item(),
+            hits.any(dim=-1).sum().item(),
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+            labels.numel(),
+            *((x.argmax(-1) == labels).sum().item() for x in exits),
+        ]
+        sums = batch if sums is None else [a + b for a, b in zip(sums, batch, strict=True)]
+    if sums is None:  # this rank had no validation shard; still join the all-reduce
+        n_exits = getattr(model, "num_exits", 1)
+        sums = [0.0] * (4 + n_exits)
+    correct1, correct5, loss_sum, n, *per_exit = _all_reduce(sums, device)
     n = max(n, 1.0)
-    return {"val_top1": 100 * correct1 / n, "val_top5": 100 * correct5 / n, "val_loss": loss_sum / n}
+    metrics = {"val_top1": 100 * correct1 / n, "val_top5": 100 * correct5 / n, "val_loss": loss_sum / n}
+    if len(per_exit) > 1:
+        metrics.update({f"val_top1_exit{k + 1}": 100 * c / n for k, c in enumerate(per_exit)})
+    return metrics
 
 
 def _seed_for(cfg: TrainConfig, epoch: int, step: int, rank: int) -> int:

@@ -51,6 +51,10 @@ class ClassificationTask:
         """The logits accuracy is reported on."""
         return output
 
+    def exits(self, output: Any) -> list[torch.Tensor]:
+        """Logits of every exit, first to last (one for a single-exit model)."""
+        return [output]
+
 
 class MultiExitTask(ClassificationTask):
     """For models returning one logits tensor per exit: summed loss, last exit's accuracy."""
@@ -60,6 +64,9 @@ class MultiExitTask(ClassificationTask):
 
     def logits(self, output: Any) -> torch.Tensor:
         return output[-1]
+
+    def exits(self, output: Any) -> list[torch.Tensor]:
+        return list(output)
 
 
 def task_for(model: nn.Module, num_classes: int, aug: Any) -> ClassificationTask:

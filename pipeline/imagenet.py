@@ -1,0 +1,391 @@
+"""What an ImageNet download looks like: its folder layouts, its labels and its odd files.
+
+Layouts, detected automatically (docs/data.md has the full list):
+
+- images root: ``<source>`` when it holds ``train/``, else ``<source>/ILSVRC/Data/CLS-LOC`` (the Kaggle
+  download, ``imagenet-object-localization-challenge``);
+- training: ``train/<wnid>/*.JPEG``; the class folders, sorted, are the classes in label order;
+- validation, the first that matches:
+
+  1. class folders, ``val/<wnid>/*.JPEG``;
+  2. flat ``val/*.JPEG`` with ``LOC_val_solution.csv`` (Kaggle: ``ImageId,PredictionString``, the
+     first token of ``PredictionString`` is the wnid);
+  3. flat ``val/*.JPEG`` with ``ILSVRC2012_validation_ground_truth.txt`` (the devkit: one 1-based
+     ILSVRC2012 id per line, for the files in sorted name order), the ids mapped to wnids by
+     ``ILSVRC2012_mapping.txt`` (``<id> <wnid>`` lines), else the devkit's ``meta.mat`` (when scipy
+     is installed), else the line order of ``LOC_synset_mapping.txt``.
+
+Metadata files are looked up in ``<source>``, the images root, ``<root>/val`` and
+``<source>/ILSVRC2012_devkit_t12/data``, first match wins. Class names come from
+``LOC_synset_mapping.txt`` when present.
+
+Odd files (:func:`prepare_image`): real ImageNet holds a PNG and about two dozen CMYK JPEGs under
+``.JPEG`` names, and grayscale JPEGs. They are re-encoded once, here, as RGB JPEGs; every normal RGB
+JPEG is kept byte for byte. Empty, truncated and undecodable files raise :class:`BadImage`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+#: Files with these suffixes (any case) are images; everything else under train/ and val/ is ignored
+#: and listed in the manifest. A PNG or CMYK file under a .JPEG name is found by its content.
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+KAGGLE_ROOT = Path("ILSVRC/Data/CLS-LOC")
+DEVKIT_DATA = Path("ILSVRC2012_devkit_t12/data")
+SYNSETS = "LOC_synset_mapping.txt"
+VAL_SOLUTION = "LOC_val_solution.csv"
+GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+ID_MAPPING = "ILSVRC2012_mapping.txt"
+META_MAT = "meta.mat"
+#: The first five ids of the official ILSVRC2012 validation ground truth. Its ids are not in
+#: LOC_synset_mapping.txt order (id 1 is n02119789), so that order is refused for this file.
+OFFICIAL_GROUND_TRUTH_HEAD = [490, 361, 171, 822, 297]
+#: Re-encoding quality for the odd files (4:4:4 chroma): close to lossless, done once per file.
+JPEG_QUALITY = 95
+
+EXPECTED = (
+    "expected <source>/train/<wnid>/*.JPEG (or the Kaggle download's <source>/ILSVRC/Data/CLS-LOC/train/...) "
+    "and validation images either in class folders val/<wnid>/*.JPEG, or flat in val/ with "
+    f"{VAL_SOLUTION}, or flat with {GROUND_TRUTH} plus {ID_MAPPING} (or {SYNSETS}); see docs/data.md"
+)
+
+
+class ShardError(RuntimeError):
+    """The source folder cannot be sharded. The message names the path and what to do."""
+
+
+class BadImage(ValueError):
+    """A file is empty, truncated or not a decodable image. The message is the reason."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image found in the source folder.
+
+    Attributes:
+        path: absolute path of the file.
+        rel: path relative to the images root, with ``/`` separators (``train/n01440764/x.JPEG``).
+        wnid, label: its class and the class index (sorted wnid order).
+        size, mtime_ns: from ``stat``, so a changed input changes the shard plan.
+    """
+
+    path: str
+    rel: str
+    wnid: str
+    label: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> str:
+        """The WebDataset key: the path inside the split without suffix, with no dots (keys end at
+        the first dot). Unique within a split, unlike the bare file name."""
+        inner = self.rel.split("/", 1)[1]
+        return inner.rsplit(".", 1)[0].replace(".", "_")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Everything :func:`scan` found.
+
+    Attributes:
+        root: the images root (holding ``train/`` and ``val/``).
+        wnids: classes in label order.
+        class_names: wnid -> human name (the wnid itself when no names file is found).
+        samples: split -> images, sorted by ``rel``.
+        ignored: non-image files under ``train/`` and ``val/``, relative to ``root``.
+        layout: split -> how its labels were read (recorded in the manifest).
+    """
+
+    root: Path
+    wnids: list[str]
+    class_names: dict[str, str]
+    samples: dict[str, list[Sample]]
+    ignored: list[str]
+    layout: dict[str, str]
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _files(folder: Path) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
+    """(files, sub-folders) of ``folder``, each sorted by name."""
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    return [e for e in entries if e.is_file()], [e for e in entries if e.is_dir()]
+
+
+def _samples(
+    root: Path, files: list[os.DirEntry], wnid_of: dict[str, str], labels: dict[str, int]
+) -> list[Sample]:
+    out = []
+    for e in files:
+        st = e.stat()
+        wnid = wnid_of[e.name]
+        out.append(
+            Sample(
+                e.path,
+                Path(e.path).relative_to(root).as_posix(),
+                wnid,
+                labels[wnid],
+                st.st_size,
+                st.st_mtime_ns,
+            )
+        )
+    return out
+
+
+def _class_folders(root: Path, split: str, labels: dict[str, int]) -> tuple[list[Sample], list[str]]:
+    """Images and non-image files of ``<root>/<split>/<wnid>/``; files directly under split/ are ignored."""
+    top, dirs = _files(root / split)
+    for d in dirs:
+        if d.name not in labels:
+            raise ShardError(f"{d.path}: class {d.name} is in {split} but not in train")
+
+    def one(d: os.DirEntry) -> tuple[list[Sample], list[str]]:
+        files, subdirs = _files(Path(d.path))
+        images = [e for e in files if _is_image(e.name)]
+        other = [e.path for e in files if not _is_image(e.name)] + [e.path for e in subdirs]
+        return _samples(root, images, {e.name: d.name for e in images}, labels), other
+
+    # Listing 1.3 M files is latency-bound on network storage: a few threads hide it.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parts = list(pool.map(one, dirs))
+    samples = [s for images, _ in parts for s in images]
+    ignored = [
+        Path(p).relative_to(root).as_posix() for p in [e.path for e in top] + [p for _, o in parts for p in o]
+    ]
+    return samples, ignored
+
+
+def _find(names: list[str], dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        for name in names:
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def read_class_names(path: Path | None, wnids: list[str]) -> dict[str, str]:
+    """wnid -> human name from a ``LOC_synset_mapping.txt`` (``<wnid> <names>`` lines), else the wnid."""
+    names = {w: w for w in wnids}
+    if path is not None:
+        for line in path.read_text().splitlines():
+            wnid, _, name = line.strip().partition(" ")
+            if wnid in names:
+                names[wnid] = name.strip() or wnid
+    return names
+
+
+def _kaggle_labels(path: Path) -> dict[str, str]:
+    """ImageId -> wnid from ``LOC_val_solution.csv``."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise ShardError(
+                f"{path}: expected the columns ImageId,PredictionString, got {reader.fieldnames}"
+            )
+        out = {}
+        for row in reader:
+            tokens = (row["PredictionString"] or "").split()
+            if not tokens:
+                raise ShardError(f"{path}: image {row['ImageId']} has an empty PredictionString")
+            out[row["ImageId"]] = tokens[0]
+    return out
+
+
+def _id_to_wnid(meta_dirs: list[Path], ground_truth: Path, ids: list[int]) -> tuple[dict[int, str], str]:
+    """ILSVRC2012 id -> wnid, and where the mapping came from."""
+    if mapping := _find([ID_MAPPING], meta_dirs):
+        out = {}
+        for n, line in enumerate(mapping.read_text().splitlines(), 1):
+            if line.strip():
+                parts = line.split()
+                if len(parts) < 2 or not parts[0].isdigit():
+                    raise ShardError(f"{mapping}:{n}: expected '<ilsvrc_id> <wnid>', got {line!r}")
+                out[int(parts[0])] = parts[1]
+        return out, mapping.name
+    if meta := _find([META_MAT], meta_dirs):
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            log.warning(
+                "%s found but scipy is not installed; write %s instead (docs/data.md)", meta, ID_MAPPING
+            )
+        else:
+            synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+            ids_, wnids = synsets["ILSVRC2012_ID"], synsets["WNID"]
+            return {int(i): str(w) for i, w in zip(ids_.ravel(), wnids.ravel(), strict=True)}, meta.name
+    if synsets := _find([SYNSETS], meta_dirs):
+        if ids[: len(OFFICIAL_GROUND_TRUTH_HEAD)] == OFFICIAL_GROUND_TRUTH_HEAD:
+            raise ShardError(
+                f"{ground_truth} is the official ILSVRC2012 ground truth, whose ids are not in "
+                f"{synsets.name} order (id 1 is n02119789): put {ID_MAPPING} ('<id> <wnid>' lines, "
+                "exported from the devkit's meta.mat as docs/data.md shows) next to it"
+            )
+        wnids = [line.split()[0] for line in synsets.read_text().splitlines() if line.strip()]
+        log.warning(
+            "reading %s ids as line numbers of %s (no %s found)", ground_truth.name, synsets, ID_MAPPING
+        )
+        return {i: w for i, w in enumerate(wnids, 1)}, f"{synsets.name} line order"
+    raise ShardError(
+        f"{ground_truth} holds ILSVRC2012 ids but no id-to-wnid mapping was found in "
+        f"{', '.join(map(str, meta_dirs))}: add {ID_MAPPING} ('<id> <wnid>' lines)"
+    )
+
+
+def _flat_val(
+    root: Path, files: list[os.DirEntry], labels: dict[str, int], meta_dirs: list[Path]
+) -> tuple[list[Sample], str]:
+    images = [e for e in files if _is_image(e.name)]
+    val = root / "val"
+    if solution := _find([VAL_SOLUTION], meta_dirs):
+        by_id = _kaggle_labels(solution)
+        wnid_of, unlabelled = {}, []
+        for e in images:
+            image_id = os.path.splitext(e.name)[0]
+            if image_id in by_id:
+                wnid_of[e.name] = by_id[image_id]
+            else:
+                unlabelled.append(e.name)
+        if unlabelled:
+            raise ShardError(
+                f"{val}: {len(unlabelled)} image(s) have no row in {solution}, e.g. {unlabelled[:5]}"
+            )
+        if len(by_id) > len(images):
+            log.warning("%s labels %d images, %s holds %d", solution, len(by_id), val, len(images))
+        how = solution.name
+    elif truth := _find([GROUND_TRUTH], meta_dirs):
+        ids = [int(line) for line in truth.read_text().split()]
+        if len(ids) != len(images):
+            raise ShardError(
+                f"{truth} has {len(ids)} labels but {val} holds {len(images)} images; the labels follow "
+                "the sorted file names, so both must be complete"
+            )
+        to_wnid, source = _id_to_wnid(meta_dirs, truth, ids)
+        missing = sorted(set(ids) - set(to_wnid))
+        if missing:
+            raise ShardError(f"{truth}: id(s) {missing[:10]} are not in {source}")
+        wnid_of = {e.name: to_wnid[i] for e, i in zip(images, ids, strict=True)}
+        how = f"{truth.name} + {source}"
+    else:
+        raise ShardError(
+            f"{val} holds {len(images)} images and no class folders, and no {VAL_SOLUTION} or {GROUND_TRUTH} "
+            f"was found in {', '.join(map(str, meta_dirs))}: {EXPECTED}"
+        )
+    unknown = sorted({w for w in wnid_of.values() if w not in labels})
+    if unknown:
+        raise ShardError(f"{val}: labels name class(es) {unknown[:10]} that train does not hold ({how})")
+    return _samples(root, images, wnid_of, labels), how
+
+
+def scan(source: str | Path) -> Listing:
+    """Find the classes, images and labels of an ImageNet download in any accepted layout.
+
+    Raises:
+        ShardError: the folder matches no layout (the message names the path and what was
+            expected), a label file is malformed, or a split holds no image.
+    """
+    source = Path(source).absolute()
+    if not source.is_dir():
+        raise ShardError(
+            f"data source {source} does not exist (or is not a folder); set data.root: {EXPECTED}"
+        )
+    root = next((r for r in (source, source / KAGGLE_ROOT) if (r / "train").is_dir()), None)
+    if root is None:
+        raise ShardError(f"{source} matches no ImageNet layout (no train/ folder): {EXPECTED}")
+    if not (root / "val").is_dir():
+        raise ShardError(f"{root / 'val'} is missing: {EXPECTED}")
+    meta_dirs = list(dict.fromkeys([source, root, root / "val", source / DEVKIT_DATA]))
+    wnids = [e.name for e in _files(root / "train")[1]]
+    if not wnids:
+        raise ShardError(f"{root / 'train'} holds no class folders: {EXPECTED}")
+    labels = {w: i for i, w in enumerate(wnids)}
+
+    samples, ignored, layout = {}, [], {}
+    samples["train"], ignored_train = _class_folders(root, "train", labels)
+    layout["train"] = "class folders"
+    val_files, val_dirs = _files(root / "val")
+    if val_dirs:
+        samples["val"], ignored_val = _class_folders(root, "val", labels)
+        layout["val"] = "class folders"
+    else:
+        samples["val"], layout["val"] = _flat_val(root, val_files, labels, meta_dirs)
+        ignored_val = [f"val/{e.name}" for e in val_files if not _is_image(e.name)]
+    ignored = sorted(ignored_train + ignored_val)
+    for split in SPLITS:
+        if not samples[split]:
+            raise ShardError(
+                f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): {EXPECTED}"
+            )
+        samples[split].sort(key=lambda s: s.rel)
+        keys = [s.key for s in samples[split]]
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+            raise ShardError(f"{root / split}: several files share a name up to the suffix, e.g. {dup}")
+    names = read_class_names(_find([SYNSETS], meta_dirs), wnids)
+    log.info(
+        "%s: %d classes, %d train and %d val images (val labels: %s)",
+        root,
+        len(wnids),
+        len(samples["train"]),
+        len(samples["val"]),
+        layout["val"],
+    )
+    return Listing(root, wnids, names, samples, ignored, layout)
+
+
+def prepare_image(data: bytes) -> tuple[bytes, str | None]:
+    """The bytes to store for one image file, and what it was converted from (None: kept verbatim).
+
+    An RGB JPEG is kept byte for byte. A PNG (or any other format) under a .JPEG name, a CMYK JPEG
+    and a grayscale JPEG are decoded and re-encoded as RGB JPEG at quality 95, 4:4:4, once: every
+    reader of the shards (PIL, torchvision.io, DALI/nvJPEG, the reduced-size decode path) then
+    sees plain RGB JPEGs, and the CMYK conversion (Adobe's inverted CMYK) is done by one decoder
+    rather than by each reader its own way.
+
+    Raises:
+        BadImage: empty, truncated, or not decodable; the message is the reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode = img.format, img.mode
+            if fmt == "JPEG" and mode == "RGB":
+                # A full decode catches truncation; at 1/8 scale it reads every byte of entropy-coded
+                # data (which is where truncation shows) at a fraction of the cost.
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+                return data, None
+            img.load()
+            kind = "gray" if fmt == "JPEG" and mode in ("L", "1") else (fmt or "unknown").lower()
+            if fmt == "JPEG" and mode == "CMYK":
+                kind = "cmyk"
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))  # transparent pixels become white, not black
+            else:
+                rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no decoder recognises its content)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = str(err)
+        raise BadImage(("truncated: " if "truncated" in reason.lower() else "undecodable: ") + reason) from None
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return out.getvalue(), kind

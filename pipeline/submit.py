@@ -1,0 +1,327 @@
+"""Run the whole study on a Ray cluster with one command, through the Ray Jobs API.
+
+    python -m pipeline.submit --address http://HEAD:8265 --output s3://bucket/t2t-study \\
+        --mlflow-uri http://mlflow.internal:5000
+
+uploads the working tree (no ``.git``, data, virtualenv or outputs), runs ``dvc repro`` as a Ray
+job (:mod:`pipeline.cluster`), waits for it, and copies the resulting ``dvc.lock``, metrics and
+report from ``--output`` back into the working tree, so the local ``dvc status``, ``dvc metrics
+show`` and ``git diff dvc.lock`` see what the cluster did. A failed job exits non-zero and prints
+the tail of its log. The design (why ``dvc repro`` runs on the cluster, why state lives on shared
+storage) is argued in docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from pipeline.cluster import (
+    ENV_COMMIT,
+    ENV_DIRTY,
+    ENV_SUBMISSION,
+    LOCK,
+    PARAMS,
+    StorageError,
+    copy_path,
+    open_location,
+    path_kind,
+    read_record,
+    state_paths,
+)
+from pipeline.config import ConfigError, StudyConfig, load_config
+from pipeline.paths import repo_root
+from pipeline.tracking import TrackingUnavailable, check_tracking, git_state
+
+log = logging.getLogger(__name__)
+
+#: Never uploaded (gitignore syntax, relative to the repository root). Ray also skips what the
+#: .gitignore files name; these hold even if they change. Outputs come back through --output.
+EXCLUDES = [
+    "/.git",
+    "/.venv/",
+    "/data/",
+    "/results/",
+    "/reports/",
+    "/runs/",
+    "/mlflow.db",
+    "/mlartifacts/",
+    "/.dvc/cache/",
+    "/.dvc/tmp/",
+    "/.dvc/config.local",
+    "__pycache__/",
+    "*.egg-info/",
+    "/.pytest_cache/",
+    "/.ruff_cache/",
+]
+
+
+class SubmitError(RuntimeError):
+    """The study cannot be submitted as asked; the message says what to change."""
+
+
+def _shared(path: str) -> bool:
+    return "://" in path or Path(path).is_absolute()
+
+
+def check_study(cfg: StudyConfig) -> list[str]:
+    """Refuse params whose checkpoints would die with the job; return warnings for the rest.
+
+    Raises:
+        SubmitError: a variant's ``train.storage_path`` is relative (it would resolve inside the
+            job's temporary copy: checkpoints lost, multi-node training broken).
+    """
+    relative = sorted({cfg.train_for(v).storage_path for v in cfg.variants} - {""})
+    relative = [p for p in relative if not _shared(p)]
+    if relative:
+        raise SubmitError(
+            f"train.storage_path {relative[0]!r} is relative: on a cluster it resolves inside the job's "
+            "temporary copy, so checkpoints are lost and workers on other nodes cannot write them. "
+            "Set train.storage_path in params.yaml to storage every node sees "
+            "(s3://bucket/t2t-runs, or a mount such as /mnt/shared/runs)."
+        )
+    warnings = []
+    if not _shared(cfg.data.shards.output):
+        warnings.append(
+            f"data.shards.output {cfg.data.shards.output!r} is inside the job's copy: fine on a one-node "
+            "cluster, unreadable by workers on other nodes (use shared storage for a multi-node run)"
+        )
+    return warnings
+
+
+def runtime_env(root: Path, *, mlflow_uri: str, submission_id: str, git: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime environment: the working tree, the tracking server and provenance."""
+    return {
+        "working_dir": str(root),
+        "excludes": EXCLUDES,
+        "env_vars": {
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            # No .pyc in the job's copy: dvc.lock hashes pipeline/train and pipeline/models as folders.
+            "PYTHONDONTWRITEBYTECODE": "1",
+            ENV_COMMIT: git["git_commit"],
+            ENV_DIRTY: git["git_dirty"],
+            ENV_SUBMISSION: submission_id,
+        },
+    }
+
+
+def entrypoint(output: str, targets: list[str]) -> str:
+    return shlex.join(["python", "-m", "pipeline.cluster", "--output", output, *targets])
+
+
+def submit_study(
+    client: Any,
+    root: Path,
+    *,
+    output: str,
+    mlflow_uri: str,
+    targets: list[str],
+    submission_id: str | None = None,
+) -> str:
+    """Submit ``dvc repro`` of the study at ``root`` as a Ray job; returns the job's id."""
+    git = git_state(root)
+    commit = git["git_commit"][:7] if git["git_commit"] != "unknown" else "nogit"
+    submission_id = submission_id or f"t2t-study-{time.strftime('%Y%m%d-%H%M%S')}-{commit}"
+    try:
+        return client.submit_job(
+            entrypoint=entrypoint(output, targets),
+            submission_id=submission_id,
+            runtime_env=runtime_env(root, mlflow_uri=mlflow_uri, submission_id=submission_id, git=git),
+            metadata={"study_output": output, **git},
+        )
+    except Exception as err:  # upload too large, cluster unreachable, id taken: Ray's message says which
+        raise SubmitError(f"submitting the job failed: {err}") from None
+
+
+def wait_for(client: Any, job_id: str, *, poll_s: float = 10.0, heartbeat_s: float = 300.0) -> Any:
+    """Poll the job until it ends, logging each status change; returns its final ``JobDetails``."""
+    start = last_beat = time.monotonic()
+    status = None
+    while True:
+        info = client.get_job_info(job_id)
+        now = time.monotonic()
+        if info.status != status or now - last_beat >= heartbeat_s:
+            status, last_beat = info.status, now
+            log.info("job %s: %s (%.0f s)", job_id, status.value, now - start)
+        if status.is_terminal():
+            return info
+        time.sleep(poll_s)
+
+
+def follow(client: Any, job_id: str, out: TextIO) -> None:
+    """Stream the job's log to ``out`` until the job ends."""
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+
+
+def log_tail(client: Any, job_id: str, lines: int) -> str:
+    """The last ``lines`` lines of the job's log."""
+    text = client.get_job_logs(job_id)
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def fetch_state(output: str, root: Path) -> list[str]:
+    """Copy the last job's ``dvc.lock`` and in-repo outputs from ``output`` into ``root``.
+
+    Refuses when ``root``'s params.yaml no longer holds the values the job ran with: that
+    dvc.lock would describe another study.
+
+    Raises:
+        SubmitError: the location holds no finished job, or its params differ from the local ones.
+    """
+    from pyarrow import fs
+
+    out_fs, base = open_location(output)
+    if read_record(output) is None or path_kind(out_fs, f"{base}/{LOCK}") != "file":
+        raise SubmitError(f"{output} holds no finished study (no {LOCK} / job.json)")
+    with out_fs.open_input_stream(f"{base}/{PARAMS}") as fh:
+        ran_with = yaml.safe_load(fh.read().decode())
+    if ran_with != yaml.safe_load((root / PARAMS).read_text()):
+        raise SubmitError(
+            f"{root / PARAMS} differs from the params the job ran with ({output}/{PARAMS}); "
+            "not overwriting dvc.lock. Restore those params, or copy the outputs by hand."
+        )
+    with out_fs.open_input_stream(f"{base}/{LOCK}") as fh:
+        paths = [LOCK, *state_paths(fh.read().decode())]
+    local = fs.LocalFileSystem()
+    return [rel for rel in paths if copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.submit",
+        description=__doc__.split("\n\n")[0] + " See docs/cluster.md.",
+    )
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    p.add_argument(
+        "--address",
+        default=env_address if env_address.startswith("http") else None,
+        help="the Ray dashboard of the cluster, http://HEAD:8265 (default: RAY_ADDRESS if it is a URL)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="the study's state on shared storage: s3://bucket/prefix, gs://..., or a folder mounted at "
+        "the same path on the head node and here",
+    )
+    p.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        help="the shared MLflow tracking server the job logs to (default: MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait for the job to end (default)",
+    )
+    p.add_argument("--follow", action="store_true", help="stream the job's log here while waiting")
+    p.add_argument(
+        "--fetch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after success, copy dvc.lock, results and reports from --output into the working tree "
+        "(default)",
+    )
+    p.add_argument(
+        "--fetch-only", action="store_true", help="submit nothing; only fetch the last job's state"
+    )
+    p.add_argument("--job-id", help="the submission id (default: t2t-study-<time>-<commit>)")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (10)")
+    p.add_argument("--tail", type=int, default=80, help="log lines printed when the job fails (80)")
+    p.add_argument(
+        "targets", nargs="*", help="dvc repro targets, e.g. train@t2t_vit_14 (default: the whole DAG)"
+    )
+    return p
+
+
+def _fetch(output: str, root: Path) -> None:
+    try:
+        fetched = fetch_state(output, root)
+    except (SubmitError, StorageError, OSError) as err:
+        log.warning("not fetched: %s", err)
+        return
+    log.info("fetched into %s: %s", root, ", ".join(fetched))
+    if (root / "reports" / "comparison.md").is_file():
+        log.info("report: %s", root / "reports" / "comparison.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    root = repo_root()
+    output = args.output if "://" in args.output else str(Path(args.output).expanduser().resolve())
+    if args.fetch_only:
+        _fetch(output, root)
+        return 0
+    if not args.address:
+        sys.exit("error: --address http://HEAD:8265 is needed (or RAY_ADDRESS set to that URL)")
+    if not args.mlflow_uri:
+        sys.exit("error: --mlflow-uri (or MLFLOW_TRACKING_URI) is needed: the job's runs must outlive it")
+    try:
+        for warning in check_study(load_config(root / PARAMS)):
+            log.warning("warning: %s", warning)
+    except (ConfigError, SubmitError) as err:
+        sys.exit(f"error: {err}")
+    try:
+        check_tracking(args.mlflow_uri)
+    except TrackingUnavailable as err:  # the cluster may see a host this machine does not
+        log.warning("warning: %s (continuing: the job checks again from the cluster)", err)
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(args.address)
+        job_id = submit_study(
+            client,
+            root,
+            output=output,
+            mlflow_uri=args.mlflow_uri,
+            targets=args.targets,
+            submission_id=args.job_id,
+        )
+    except (SubmitError, ConnectionError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    address = client.get_address()
+    log.info("submitted job %s", job_id)
+    log.info("  dashboard: %s/#/jobs/%s", address, job_id)
+    log.info("  MLflow:    %s", args.mlflow_uri)
+    log.info("  log:       ray job logs --follow %s --address %s", job_id, address)
+    log.info("  output:    %s", output)
+    if not args.wait:
+        return 0
+    try:
+        if args.follow:
+            follow(client, job_id, sys.stdout)
+        info = wait_for(client, job_id, poll_s=args.poll)
+    except KeyboardInterrupt:
+        log.warning(
+            "stopped waiting; the job goes on. Stop it with: ray job stop %s --address %s", job_id, address
+        )
+        return 130
+    if info.status != JobStatus.SUCCEEDED:
+        sys.stderr.write(f"---- the last {args.tail} lines of job {job_id}'s log ----\n")
+        sys.stderr.write(log_tail(client, job_id, args.tail) + "\n")
+        sys.stderr.write(f"---- job {job_id} {info.status.value}: {info.message or ''}\n")
+        return 1
+    if args.fetch:
+        _fetch(output, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The cluster path, for real: a Ray head and an MLflow server on 127.0.0.1, the miniature study
+submitted through ``python -m pipeline.submit`` (the documented command), nothing mocked.
+
+The head and the server are started once for the module, each in its own session, and stopped by
+process id at the end (never ``ray stop``: it kills every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process we started and every descendant it has, by pid; SIGKILL stragglers."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+@dataclass
+class Cluster:
+    dashboard: str
+    mlflow: str
+    shared: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    # A short base path: Ray's unix sockets live under its temp dir (108-byte limit).
+    base = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    home, shared = base / "home", base / "shared"
+    home.mkdir()
+    shared.mkdir()
+    gcs, dash, client_port, agent = _free_ports(4)
+    mlflow_port = _free_ports(1)[0]
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",  # explicit: a token left in ~/.ray would switch it on
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    ray_log, mlflow_log = base / "ray.log", base / "mlflow.log"
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(ray_log, "w") as rl, open(mlflow_log, "w") as ml:
+            ray_head = subprocess.Popen(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1",
+                    f"--port={gcs}",
+                    f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={client_port}",
+                    f"--dashboard-agent-listen-port={agent}",
+                    "--num-cpus=2",
+                    "--disable-usage-stats",
+                    f"--temp-dir={base / 'ray'}",
+                ],
+                env=env,
+                stdout=rl,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(ray_head)
+            server = subprocess.Popen(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{base / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(base / "mlartifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                ],
+                env=env,
+                stdout=ml,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(server)
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", server, mlflow_log)
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", ray_head, ray_log)
+        yield Cluster(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}", shared, env)
+    finally:
+        for proc in procs:
+            _stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _copy_repo(root: Path, dest: Path, params: dict) -> Path:
+    """The tracked and untracked-but-not-ignored files, committed, with the given params.yaml."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        src = root / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run([*git, *cmd], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def _mini(root: Path, shared: Path) -> dict:
+    params = yaml.safe_load((root / "profiles" / "mini.yaml").read_text())
+    params["train"]["storage_path"] = str(shared / "checkpoints")  # shared storage, as on a cluster
+    return params
+
+
+def _submit(repo: Path, c: Cluster, output: Path, *extra: str, timeout: float = 420):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.submit",
+        "--address",
+        c.dashboard,
+        "--mlflow-uri",
+        c.mlflow,
+        "--output",
+        str(output),
+        "--poll",
+        "2",
+        *extra,
+    ]
+    tic = time.monotonic()
+    proc = subprocess.run(cmd, cwd=repo, env=c.env, capture_output=True, text=True, timeout=timeout)
+    return proc, proc.stdout + proc.stderr, time.monotonic() - tic
+
+
+def _job_id(out: str) -> str:
+    match = re.search(r"submitted job (\S+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def test_submitted_study_runs_on_the_cluster_and_lands_in_shared_storage(
+    root: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    params = _mini(root, cluster.shared)
+    variants = list(params["variants"])
+    repo = _copy_repo(root, tmp_path / "repo", params)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    output = cluster.shared / "study"
+
+    proc, out, seconds = _submit(repo, cluster, output)
+    assert proc.returncode == 0, out
+    job_id = _job_id(out)
+    assert f"{cluster.dashboard}/#/jobs/{job_id}" in out and "SUCCEEDED" in out, out
+    jobs = JobSubmissionClient(cluster.dashboard)
+    assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED
+    log = jobs.get_job_logs(job_id)
+    assert {f"train@{v}" for v in variants} <= set(re.findall(r"Running stage '([^']+)'", log)), log[-3000:]
+
+    # One finished MLflow run per variant on the shared server, tagged with the submitter's commit.
+    client = MlflowClient(cluster.mlflow)
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.dvc_stage LIKE 'train@%'")
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(variants)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] == commit.strip()
+        assert run.data.tags["ray_submission_id"] == job_id
+        assert len(client.get_metric_history(run.info.run_id, "val_top1")) == params["train"]["epochs"]
+
+    # The report, metrics and lock file are in the shared output location; checkpoints in shared storage.
+    md = (output / "reports" / "comparison.md").read_text()
+    assert all(f"| {v} |" in md for v in variants), md
+    assert all((output / "results" / f"{v}.json").is_file() for v in variants)
+    record = json.loads((output / "job.json").read_text())
+    assert record["submission_id"] == job_id and record["dvc_repro_exit_code"] == 0
+    assert len(list((cluster.shared / "checkpoints").glob("*/checkpoint_*"))) >= len(variants)
+
+    # ... and were fetched back: the local DVC sees the pipeline the cluster ran as up to date.
+    assert (repo / "reports" / "comparison.md").read_text() == md
+    status = subprocess.run(
+        [str(BIN / "dvc"), "status"], cwd=repo, env=cluster.env, capture_output=True, text=True
+    )
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+    # Resubmitting the unchanged study restores its state from the output location: no stage runs.
+    again, out2, seconds2 = _submit(repo, cluster, output, "--follow")
+    assert again.returncode == 0, out2
+    assert "Running stage" not in out2 and "didn't change" in out2, out2
+    print(f"study job {seconds:.0f} s, no-op resubmission {seconds2:.0f} s")
+
+
+def test_failing_job_exits_nonzero_and_prints_the_log_tail(
+    root: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    params = _mini(root, cluster.shared)
+    missing = tmp_path / "no-such-imagenet"
+    params["data"].update(source="folder", root=str(missing))
+    repo = _copy_repo(root, tmp_path / "repo", params)
+
+    proc, out, seconds = _submit(repo, cluster, cluster.shared / "broken", timeout=240)
+    assert proc.returncode == 1, out
+    assert "FAILED" in out and "last 80 lines" in out, out
+    tail = out.split("last 80 lines", 1)[1]
+    assert str(missing) in tail, out
+    assert not (repo / "dvc.lock").exists()  # nothing fetched from a failed job
+    print(f"failing job {seconds:.0f} s")
