@@ -8,7 +8,7 @@ Each class is a visual concept, a combination of factors shared with other class
 (circle, ring, cross, bars, triangle, square, star, crescent), a *colour family* (a band of hues) and,
 for more than 48 classes, a *fill texture* (plain, striped, dotted). The default 10 classes are
 5 shapes x 2 colour families, so neither mean colour nor shape alone separates them. Every shape is
-mirror-symmetric about its upright axis and placed off-centre, so random-resized crops and
+mirror-symmetric about its upright axis and its position jitters, so random-resized crops and
 horizontal flips keep the label.
 
 Each image draws a difficulty ``d`` in [0, 1) that makes it harder in many ways at once (with
@@ -18,6 +18,13 @@ distractors (smaller look-alikes of *other* classes in other colour families, so
 the main object); more blur and noise; and, above d = 0.45, a chance of a bar occluding the object.
 Easy and hard images are therefore both present, which the dynamic early-exit model (DVT) needs to
 show its trade-off; :func:`difficulty` recomputes ``d`` of any image from its identity.
+
+Calibration (defaults: 2,000 train / 500 val images, 10 classes; chance is 10 %): timm's
+``vit_tiny_patch16_224`` at ``img_size=64, patch_size=8, depth=4`` trained from scratch for 15 epochs
+(batch 64, AdamW lr 1e-3 wd 0.05, 1 warm-up epoch then cosine, random-resized crop 64 at scale
+(0.35, 1) and horizontal flips; centre crop for validation) reaches 48-61 % val top-1 over three
+runs (data seeds 0 and 1, training seeds 0 and 1), with 60-85 % on the easiest third of the images,
+52-67 % on the middle third and 32-38 % on the hardest third.
 
 Every image is seeded from ``(seed, split, class, index)``, so the bytes do not depend on the order
 of generation: the same arguments give byte-identical files (with the same NumPy and Pillow builds;
@@ -68,7 +75,7 @@ MAX_FAMILIES_PLAIN = 6
 SPLIT_IDS = {"train": 0, "val": 1}
 #: Nuisances grow as difficulty**HARDNESS_POWER: the easier half stays clean enough for a small ViT
 #: to learn the shapes from, the hardest tail is still hard.
-HARDNESS_POWER = 2.0
+HARDNESS_POWER = 1.5
 
 Split = Literal["train", "val"]
 
