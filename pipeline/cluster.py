@@ -5,13 +5,14 @@ job's entrypoint: ``python -m pipeline.cluster --output URI [TARGET ...]``. The 
 
 1. copies the uploaded tree into a private folder (Ray reuses one unpacked copy for every job with
    the same upload, so two submissions of the same tree would otherwise share a folder);
-2. restores the study's state from ``--output``: the ``dvc.lock`` of the last job and the
-   outputs it lists, so DVC re-runs only what changed since (nothing, on a resubmission);
+2. checks params.yaml (and that checkpoints go to shared storage), then restores the study's
+   state from ``--output``: the ``dvc.lock`` of the last job, the outputs it lists and their DVC
+   cache objects, so DVC re-runs only what changed since (nothing, on a resubmission);
 3. runs ``dvc repro`` with ``core.no_scm`` (the upload has no ``.git``): the same DAG, skipping
    rules and lock file as on a laptop;
-4. saves ``dvc.lock``, ``params.yaml`` and every output inside the repository back to
-   ``--output`` (also when a stage fails, so the next job resumes from the stages that finished),
-   plus ``job.json``;
+4. saves ``dvc.lock``, ``params.yaml``, every output inside the repository and the DVC cache
+   back to ``--output`` (also when a stage fails, so the next job resumes from the stages that
+   finished), plus ``job.json``;
 5. tags the MLflow runs it made with the submitter's git commit (the job's copy has no git).
 
 ``--output`` is a folder every node sees (NFS, a PVC) or an object-store URI (``s3://``, ``gs://``),
@@ -35,11 +36,16 @@ from typing import Any
 
 import yaml
 
-log = logging.getLogger(__name__)
+from pipeline.config import ConfigError, StudyConfig, load_config
+
+# Named explicitly: run as ``python -m pipeline.cluster`` the module is ``__main__``.
+log = logging.getLogger("pipeline.cluster")
 
 LOCK = "dvc.lock"
 PARAMS = "params.yaml"
 JOB_RECORD = "job.json"
+#: The DVC cache objects of the in-repo outputs, so a restored output is "in cache" for DVC.
+CACHE = "dvc-cache"
 #: Environment the client sets for the job: the submitter's commit (the upload has no .git).
 ENV_COMMIT, ENV_DIRTY, ENV_SUBMISSION = "STUDY_GIT_COMMIT", "STUDY_GIT_DIRTY", "STUDY_SUBMISSION_ID"
 #: Never copied into the job's private folder: outputs and state of an earlier job in the same
@@ -50,6 +56,39 @@ _DVC_SKIP = {"cache", "tmp", "config.local"}
 
 class StorageError(RuntimeError):
     """The shared output location cannot be read or written."""
+
+
+class StudyError(RuntimeError):
+    """The study cannot run on a cluster as configured; the message says what to change."""
+
+
+def _shared(path: str) -> bool:
+    return "://" in path or Path(path).is_absolute()
+
+
+def check_study(cfg: StudyConfig) -> list[str]:
+    """Refuse params whose checkpoints would die with the job; return warnings for the rest.
+
+    Raises:
+        StudyError: a variant's ``train.storage_path`` is relative (it would resolve inside the
+            job's temporary copy: checkpoints lost, multi-node training broken).
+    """
+    relative = sorted({cfg.train_for(v).storage_path for v in cfg.variants})
+    relative = [p for p in relative if not _shared(p)]
+    if relative:
+        raise StudyError(
+            f"train.storage_path {relative[0]!r} is relative: on a cluster it resolves inside the job's "
+            "temporary copy, so checkpoints are lost and workers on other nodes cannot write them. "
+            "Set train.storage_path in params.yaml to storage every node sees "
+            "(s3://bucket/t2t-runs, or a mount such as /mnt/shared/runs)."
+        )
+    warnings = []
+    if not _shared(cfg.data.shards.output):
+        warnings.append(
+            f"data.shards.output {cfg.data.shards.output!r} is inside the job's copy: fine on a one-node "
+            "cluster, unreadable by workers on other nodes (use shared storage for a multi-node run)"
+        )
+    return warnings
 
 
 # --- shared storage -------------------------------------------------------------------------------
@@ -99,6 +138,25 @@ def copy_path(src_fs: Any, src: str, dst_fs: Any, dst: str) -> bool:
     return True
 
 
+def merge_tree(src_fs: Any, src: str, dst_fs: Any, dst: str) -> int:
+    """Copy the files of folder ``src`` missing from ``dst`` (content-addressed: a name present is
+    the same bytes); returns how many were copied."""
+    from pyarrow import fs
+
+    if path_kind(src_fs, src) != "dir":
+        return 0
+    copied = 0
+    for info in src_fs.get_file_info(fs.FileSelector(src, recursive=True)):
+        if info.type != fs.FileType.File:
+            continue
+        target = f"{dst}/{info.path[len(src.rstrip('/')) + 1 :]}"
+        if path_kind(dst_fs, target) == "missing":
+            dst_fs.create_dir(target.rpartition("/")[0], recursive=True)
+            fs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+            copied += 1
+    return copied
+
+
 def state_paths(lock_text: str) -> list[str]:
     """``dvc.lock``'s outputs that live inside the repository (metrics and plots included).
 
@@ -128,6 +186,7 @@ def save_state(root: Path, output: str) -> list[str]:
     saved += state_paths(lock.read_text()) if lock.is_file() else []
     for rel in saved:
         copy_path(local, str(root / rel), out_fs, f"{base}/{rel}")
+    merge_tree(local, str(root / ".dvc" / "cache"), out_fs, f"{base}/{CACHE}")
     return saved
 
 
@@ -144,6 +203,7 @@ def restore_state(output: str, root: Path) -> list[str]:
     local = fs.LocalFileSystem()
     for rel in restored:
         copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))
+    merge_tree(out_fs, f"{base}/{CACHE}", local, str(root / ".dvc" / "cache"))
     return restored
 
 
@@ -233,6 +293,8 @@ def repro(root: Path, targets: list[str]) -> tuple[int, list[str]]:
 def run_study(src: Path, output: str, targets: list[str]) -> int:
     """Restore, ``dvc repro``, save. Returns ``dvc repro``'s exit code."""
     started = time.time()
+    for warning in check_study(load_config(src / PARAMS)):
+        log.warning("%s", warning)
     root = private_copy(src)
     rc, ran = 1, []
     try:
@@ -288,7 +350,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(run_study(Path.cwd(), args.output, args.targets))
-    except StorageError as err:
+    except (ConfigError, StudyError, StorageError) as err:
         log.error("%s", err)
         sys.exit(1)
 

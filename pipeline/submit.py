@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,19 +26,23 @@ from typing import Any, TextIO
 import yaml
 
 from pipeline.cluster import (
+    CACHE,
     ENV_COMMIT,
     ENV_DIRTY,
     ENV_SUBMISSION,
     LOCK,
     PARAMS,
     StorageError,
+    StudyError,
+    check_study,
     copy_path,
+    merge_tree,
     open_location,
     path_kind,
     read_record,
     state_paths,
 )
-from pipeline.config import ConfigError, StudyConfig, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.paths import repo_root
 from pipeline.tracking import TrackingUnavailable, check_tracking, git_state
 
@@ -65,36 +70,7 @@ EXCLUDES = [
 
 
 class SubmitError(RuntimeError):
-    """The study cannot be submitted as asked; the message says what to change."""
-
-
-def _shared(path: str) -> bool:
-    return "://" in path or Path(path).is_absolute()
-
-
-def check_study(cfg: StudyConfig) -> list[str]:
-    """Refuse params whose checkpoints would die with the job; return warnings for the rest.
-
-    Raises:
-        SubmitError: a variant's ``train.storage_path`` is relative (it would resolve inside the
-            job's temporary copy: checkpoints lost, multi-node training broken).
-    """
-    relative = sorted({cfg.train_for(v).storage_path for v in cfg.variants} - {""})
-    relative = [p for p in relative if not _shared(p)]
-    if relative:
-        raise SubmitError(
-            f"train.storage_path {relative[0]!r} is relative: on a cluster it resolves inside the job's "
-            "temporary copy, so checkpoints are lost and workers on other nodes cannot write them. "
-            "Set train.storage_path in params.yaml to storage every node sees "
-            "(s3://bucket/t2t-runs, or a mount such as /mnt/shared/runs)."
-        )
-    warnings = []
-    if not _shared(cfg.data.shards.output):
-        warnings.append(
-            f"data.shards.output {cfg.data.shards.output!r} is inside the job's copy: fine on a one-node "
-            "cluster, unreadable by workers on other nodes (use shared storage for a multi-node run)"
-        )
-    return warnings
+    """The study cannot be submitted or fetched as asked; the message says what to change."""
 
 
 def runtime_env(root: Path, *, mlflow_uri: str, submission_id: str, git: dict[str, str]) -> dict[str, Any]:
@@ -175,7 +151,7 @@ def log_tail(client: Any, job_id: str, lines: int) -> str:
 
 
 def fetch_state(output: str, root: Path) -> list[str]:
-    """Copy the last job's ``dvc.lock`` and in-repo outputs from ``output`` into ``root``.
+    """Copy the last job's ``dvc.lock``, in-repo outputs and their DVC cache objects into ``root``.
 
     Refuses when ``root``'s params.yaml no longer holds the values the job ran with: that
     dvc.lock would describe another study.
@@ -186,8 +162,10 @@ def fetch_state(output: str, root: Path) -> list[str]:
     from pyarrow import fs
 
     out_fs, base = open_location(output)
-    if read_record(output) is None or path_kind(out_fs, f"{base}/{LOCK}") != "file":
-        raise SubmitError(f"{output} holds no finished study (no {LOCK} / job.json)")
+    if path_kind(out_fs, f"{base}/{LOCK}") != "file":
+        raise SubmitError(f"{output} holds no study state (no {LOCK})")
+    record = read_record(output) or {}
+    log.info("fetching the state job %s left in %s", record.get("submission_id", "?"), output)
     with out_fs.open_input_stream(f"{base}/{PARAMS}") as fh:
         ran_with = yaml.safe_load(fh.read().decode())
     if ran_with != yaml.safe_load((root / PARAMS).read_text()):
@@ -198,7 +176,18 @@ def fetch_state(output: str, root: Path) -> list[str]:
     with out_fs.open_input_stream(f"{base}/{LOCK}") as fh:
         paths = [LOCK, *state_paths(fh.read().decode())]
     local = fs.LocalFileSystem()
-    return [rel for rel in paths if copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))]
+    fetched = [rel for rel in paths if copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))]
+    merge_tree(out_fs, f"{base}/{CACHE}", local, str(_dvc_cache_dir(root)))
+    return fetched
+
+
+def _dvc_cache_dir(root: Path) -> Path:
+    """The local DVC cache (``.dvc/cache`` unless ``dvc cache dir`` moved it)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "cache", "dir"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    out = proc.stdout.strip().splitlines()
+    return Path(out[-1]) if proc.returncode == 0 and out else root / ".dvc" / "cache"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -275,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for warning in check_study(load_config(root / PARAMS)):
             log.warning("warning: %s", warning)
-    except (ConfigError, SubmitError) as err:
+    except (ConfigError, StudyError) as err:
         sys.exit(f"error: {err}")
     try:
         check_tracking(args.mlflow_uri)
@@ -316,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if info.status != JobStatus.SUCCEEDED:
         sys.stderr.write(f"---- the last {args.tail} lines of job {job_id}'s log ----\n")
         sys.stderr.write(log_tail(client, job_id, args.tail) + "\n")
-        sys.stderr.write(f"---- job {job_id} {info.status.value}: {info.message or ''}\n")
+        reason = (info.message or "").splitlines()[0] if info.message else ""
+        sys.stderr.write(f"---- job {job_id} {info.status.value}: {reason}\n")
         return 1
     if args.fetch:
         _fetch(output, root)

@@ -2,7 +2,8 @@
 submitted through ``python -m pipeline.submit`` (the documented command), nothing mocked.
 
 The head and the server are started once for the module, each in its own session, and stopped by
-process id at the end (never ``ray stop``: it kills every Ray process on the machine).
+process id at the end (never ``ray stop``: it kills every Ray process on the machine). A fast test
+first checks the state round trip the jobs rely on, with real DVC on a two-stage toy project.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 
@@ -98,6 +97,7 @@ def cluster() -> Iterator[Cluster]:
         "RAY_AUTH_MODE": "disabled",  # explicit: a token left in ~/.ray would switch it on
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runners on 2 cores
     }
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
@@ -157,6 +157,87 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+TOY_DVC = """
+stages:
+  make:
+    cmd: mkdir -p data/out && echo a > data/out/a.txt
+    outs: [data/out]
+  summarize:
+    cmd: mkdir -p results && echo {} > results/r.json
+    deps: [data/out]
+    params: [x]
+    outs:
+      - results/r.json:
+          cache: false
+"""
+
+
+def test_state_round_trip_skips_unchanged_stages_and_leaves_local_dvc_up_to_date(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from pipeline.cluster import private_copy, repro, restore_state, save_state
+    from pipeline.submit import fetch_state
+
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    _dvc(src, "init", "-q")
+    (src / "dvc.yaml").write_text(TOY_DVC)
+    (src / "params.yaml").write_text("x: 1\n")
+    output = str(tmp_path / "shared" / "state")
+
+    # Job 1: nothing to restore, both stages run, the state is saved.
+    first = private_copy(src)
+    request.addfinalizer(lambda: shutil.rmtree(first.parent, ignore_errors=True))
+    assert restore_state(output, first) == []
+    assert repro(first, []) == (0, ["make", "summarize"])
+    assert set(save_state(first, output)) == {"dvc.lock", "params.yaml", "data/out", "results/r.json"}
+
+    # Job 2, same tree: the restored lock, outputs and cache leave DVC nothing to do.
+    second = private_copy(src)
+    request.addfinalizer(lambda: shutil.rmtree(second.parent, ignore_errors=True))
+    assert "data/out" in restore_state(output, second)
+    assert repro(second, []) == (0, [])
+
+    # The fetch makes the submitting checkout's DVC see the pipeline as run.
+    assert set(fetch_state(output, src)) == {"dvc.lock", "data/out", "results/r.json"}
+    assert "up to date" in _dvc(src, "status")
+
+    # A params change since submission: the fetch refuses to overwrite dvc.lock.
+    (src / "params.yaml").write_text("x: 2\n")
+    with pytest.raises(RuntimeError, match="differs from the params the job ran with"):
+        fetch_state(output, src)
+
+
+def test_submit_refuses_checkpoints_in_the_jobs_throwaway_copy(root: Path, tmp_path: Path) -> None:
+    """Before any upload: a relative train.storage_path would vanish with the job."""
+    shutil.copy2(root / "profiles" / "mini.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.submit",
+        "--address",
+        "http://127.0.0.1:9",
+        "--output",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--mlflow-uri", "http://127.0.0.1:9"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "train.storage_path" in proc.stderr and "is relative" in proc.stderr, proc.stderr
+    assert "submitted" not in proc.stderr
+
+
 def _copy_repo(root: Path, dest: Path, params: dict) -> Path:
     """The tracked and untracked-but-not-ignored files, committed, with the given params.yaml."""
     files = subprocess.run(
@@ -181,7 +262,7 @@ def _mini(root: Path, shared: Path) -> dict:
     return params
 
 
-def _submit(repo: Path, c: Cluster, output: Path, *extra: str, timeout: float = 420):
+def _submit(repo: Path, c: Cluster, output: Path, *extra: str, timeout: float = 1200):
     cmd = [
         sys.executable,
         "-m",
@@ -207,6 +288,8 @@ def _job_id(out: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the mini study is 3 variants and a Ray Tune stage; 12 min on a loaded 2-core box
 def test_submitted_study_runs_on_the_cluster_and_lands_in_shared_storage(
     root: Path, cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -261,6 +344,7 @@ def test_submitted_study_runs_on_the_cluster_and_lands_in_shared_storage(
     print(f"study job {seconds:.0f} s, no-op resubmission {seconds2:.0f} s")
 
 
+@pytest.mark.slow
 def test_failing_job_exits_nonzero_and_prints_the_log_tail(
     root: Path, cluster: Cluster, tmp_path: Path
 ) -> None:
