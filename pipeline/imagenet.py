@@ -372,9 +372,10 @@ def prepare_image(data: bytes) -> tuple[bytes, str | None]:
                 img.load()
                 return data, None
             img.load()
-            kind = "gray" if fmt == "JPEG" and mode in ("L", "1") else (fmt or "unknown").lower()
-            if fmt == "JPEG" and mode == "CMYK":
-                kind = "cmyk"
+            if fmt == "JPEG":
+                kind = {"CMYK": "cmyk", "L": "gray"}.get(mode, mode.lower())
+            else:
+                kind = (fmt or "unknown").lower()  # png, and anything else under a .JPEG name
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 rgb = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -384,8 +385,8 @@ def prepare_image(data: bytes) -> tuple[bytes, str | None]:
     except UnidentifiedImageError:
         raise BadImage("not an image (no decoder recognises its content)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = str(err)
-        raise BadImage(("truncated: " if "truncated" in reason.lower() else "undecodable: ") + reason) from None
+        kind = "truncated" if "truncated" in str(err).lower() else "undecodable"
+        raise BadImage(f"{kind}: {err}") from None
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return out.getvalue(), kind

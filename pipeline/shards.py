@@ -59,7 +59,6 @@ MANIFEST_VERSION = 2
 OWN_FILES = re.compile(
     r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet)(\.tmp)?$"
 )
-SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
 
@@ -192,14 +191,9 @@ def plan_shards(
         size = 0
         for s in order:
             extra = _tar_bytes(s)
-            full = chunks and len(chunks[-1]) >= max_samples_per_shard
-            if (
-                chunks
-                and max_bytes_per_shard
-                and _padded(size + extra + 2 * BLOCK, RECORD) > max_bytes_per_shard
-            ):
-                full = True
-            if not chunks or full:
+            # With this sample, plus tar's two end blocks, padded to a whole record: over the limit?
+            too_big = max_bytes_per_shard and _padded(size + extra + 2 * BLOCK, RECORD) > max_bytes_per_shard
+            if not chunks or len(chunks[-1]) >= max_samples_per_shard or too_big:
                 chunks.append([])
                 size = 0
             chunks[-1].append(s)
@@ -469,23 +463,11 @@ def write_shards(
         raise ShardError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
     workers = workers or os.cpu_count() or 1
     listing = scan(source)  # before the output is touched: a bad layout leaves nothing behind
-    settings = {
-        "seed": seed,
-        "max_samples_per_shard": max_samples_per_shard,
-        "max_bytes_per_shard": max_bytes_per_shard,
-    }
-    plans = plan_shards(
-        listing.samples,
-        seed=seed,
-        max_samples_per_shard=max_samples_per_shard,
-        max_bytes_per_shard=max_bytes_per_shard,
-    )
+    settings = {"seed": seed, "max_samples_per_shard": max_samples_per_shard}
+    settings["max_bytes_per_shard"] = max_bytes_per_shard
+    plans = plan_shards(listing.samples, **settings)
     if listing.ignored:
-        log.warning(
-            "ignoring %d non-image file(s) (listed in the manifest), e.g. %s",
-            len(listing.ignored),
-            listing.ignored[0],
-        )
+        log.warning("ignoring %d non-image file(s), listed in the manifest", len(listing.ignored))
 
     store = Store(output)
     store.makedirs()
@@ -496,25 +478,21 @@ def write_shards(
     partial = _resume(store, _plan_id(listing, plans, settings), plans, workers)
     records = partial["shards"]
     store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
-    todo = [p for p in plans if p.name not in records]
+    todo = {p.name: p for p in plans if p.name not in records}
     reused = [p.name for p in plans if p.name in records]
-    total = sum(len(p.samples) for p in plans)
+    total, left = sum(len(p.samples) for p in plans), sum(len(p.samples) for p in todo.values())
     log.info(
-        "sharding %d images of %d classes from %s into %s: %d shards, %d already complete, %d worker(s)",
+        "%d images, %d shards (%d complete) into %s, %d worker(s)",
         total,
-        len(listing.wnids),
-        listing.root,
-        store.url,
         len(plans),
         len(reused),
+        store.url,
         workers,
     )
-    tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip") for p in todo]
+    tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip") for p in todo.values()]
     bad: list[dict[str, str]] = []
     written, images = [], 0
-    sizes = {p.name: len(p.samples) for p in todo}
-    done_before = total - sum(sizes.values())
-    with tqdm(total=total, initial=done_before, unit="img", desc="shard", disable=not show_progress) as bar:
+    with tqdm(total=total, initial=total - left, unit="img", desc="shard", disable=not show_progress) as bar:
         for result in _run(_write_shard, tasks, workers):
             name = result.pop("name")
             if result.pop("complete"):
@@ -525,7 +503,7 @@ def write_shards(
                 bad += result["bad"]
             partial["bad"] = sorted(bad, key=lambda b: b["path"])
             store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
-            bar.update(sizes[name])
+            bar.update(len(todo[name].samples))
     if bad:
         listed = "\n".join(f"  {listing.root / b['path']}: {b['reason']}" for b in partial["bad"])
         raise ShardError(
@@ -537,25 +515,10 @@ def write_shards(
     store.write_atomic(INDEX, index)
     store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     run = ShardRun(manifest, sorted(written), reused, images, time.perf_counter() - tic)
-    for split in SPLITS:
-        s = manifest["splits"][split]
-        log.info(
-            "%s: %d found, %d written in %d shards, %d skipped, converted %s",
-            split,
-            s["found"],
-            s["written"],
-            len(s["shards"]),
-            len(s["skipped"]),
-            s["converted"] or "none",
-        )
-    log.info(
-        "%d shard(s) written, %d kept from an earlier run; %d images in %.1f s (%.0f images/s)",
-        len(written),
-        len(reused),
-        images,
-        run.seconds,
-        run.images_per_s,
-    )
+    for split, s in manifest["splits"].items():
+        summary = f"{s['found']} found, {s['written']} written, {len(s['skipped'])} skipped, {s['converted']}"
+        log.info("%s: %s converted", split, summary)
+    log.info("wrote %d shard(s), kept %d; %.0f images/s", len(written), len(reused), run.images_per_s)
     return run
 
 

@@ -1,4 +1,10 @@
-"""DVC stage ``report``: comparison tables (Markdown, CSV) and an accuracy-against-MACs plot from MLflow."""
+"""DVC stage ``report``: the study's tables, figures and HTML page (reports/) from the results and MLflow.
+
+Reads ``results/<variant>.json`` of every variant in params and ``results/dvt/`` (the tune_dvt
+stage), fetches each named MLflow run, and writes Markdown/CSV/parquet tables, PNG/SVG figures,
+``metrics.json`` and the self-contained ``index.html`` (docs/report.md). Run links in the page point
+at ``MLFLOW_UI_URL`` (default http://127.0.0.1:5000, where ``./run ui`` serves).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +21,18 @@ def main() -> None:
     cfg = _cli.config(args.params)
 
     from pipeline.report import build_report
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import check_tracking, tracking_uri
 
     root = repo_root()
+    uri = tracking_uri(root)
+    check_tracking(uri)
     out = resolve(cfg.report.output, root)
-    build_report(root / args.results, list(cfg.variants), tracking_uri(root), out)
-    print(f"report written to {out / 'comparison.md'}")
+    build_report(root / args.results, list(cfg.variants), uri, out)
+    print(f"report written to {out / 'index.html'}")
 
 
 if __name__ == "__main__":
     from pipeline.report import ReportError
+    from pipeline.tracking import TrackingUnavailable
 
-    _cli.run(main, ReportError)
+    _cli.run(main, ReportError, TrackingUnavailable)

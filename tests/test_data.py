@@ -1,15 +1,29 @@
-"""The shard loader: the same number of batches on every rank and worker, every val sample once."""
+"""The shard loader: the same number of batches on every rank and worker, every val sample once,
+shards read through fsspec, and reduced-size JPEG decoding that differs only by resampling."""
 
 from __future__ import annotations
 
+import io
+import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms import functional as TF
 
-from pipeline.data import build_eval_loader, build_train_loader, shard_urls
+from pipeline.config import AugmentConfig
+from pipeline.data import (
+    FastDecode,
+    build_eval_loader,
+    build_train_loader,
+    build_transforms,
+    dct_scale,
+    draft,
+    shard_urls,
+)
 
 
 def _to_tensor(img):
@@ -70,3 +84,89 @@ def test_eval_sees_every_sample_exactly_once(tiny_shards: Path, world: int, load
             total += len(y)
     assert total == count == 16
     assert set(seen.values()) == {4}
+
+
+_EVAL = {"rank": 0, "world_size": 1, "batch_size": 4, "transform": _to_tensor}
+
+
+def test_loader_takes_the_shard_folder_as_a_uri(tiny_shards: Path) -> None:
+    local = torch.cat([y for _, y in build_eval_loader(tiny_shards, **_EVAL)[0]]).tolist()
+    remote = torch.cat([y for _, y in build_eval_loader(f"file://{tiny_shards}", **_EVAL)[0]]).tolist()
+    assert remote == local and len(local) == 16
+
+
+# --- reduced-size JPEG decoding ------------------------------------------------------------------
+
+
+def _photo(seed: int, width: int = 320, height: int = 256) -> bytes:
+    """A smooth, photo-like JPEG: blurred discs of random colours."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(10, 80))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    out = io.BytesIO()
+    img.filter(ImageFilter.GaussianBlur(2)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_dct_scale_never_leaves_a_crop_smaller_than_the_output() -> None:
+    assert dct_scale(256, 320, 32, 32) == 8
+    assert dct_scale(255, 320, 32, 32) == 4
+    assert dct_scale(100, 100, 64, 64) == 1
+    for h, w, out in [(500, 375, 224), (900, 700, 112), (64, 64, 8)]:
+        s = dct_scale(h, w, out, out)
+        assert h / s >= out and w / s >= out and (s == 8 or h / (2 * s) < out or w / (2 * s) < out)
+
+
+def test_draft_decodes_a_jpeg_smaller_and_leaves_other_formats_alone() -> None:
+    img = _open(_photo(0))
+    assert draft(img, 4) == 4 and img.load() is not None and img.size == (80, 64)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    img = _open(png.getvalue())
+    assert draft(img, 4) == 1 and img.size == (64, 64)
+
+
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_fast_decode_differs_from_full_decode_only_by_resampling(img_size: int) -> None:
+    aug = AugmentConfig(hflip=0.0, scale_min=0.35)
+    full_train, full_eval = build_transforms(img_size, aug)
+    fast_train, fast_eval = build_transforms(img_size, aug.model_copy(update={"fast_decode": True}))
+    assert isinstance(fast_train, FastDecode) and isinstance(fast_eval, FastDecode)
+    diffs = {"train": [], "eval": [], "other image": []}
+    for seed in range(12):
+        data = _photo(seed)
+        full, fast = full_eval(_open(data).convert("RGB")), fast_eval(_open(data))
+        assert fast.shape == full.shape == (3, img_size, img_size)
+        diffs["eval"].append((full - fast).abs().mean().item())
+        random.seed(seed)
+        torch.manual_seed(seed)
+        full = full_train(_open(data).convert("RGB"))
+        random.seed(seed)
+        torch.manual_seed(seed)
+        fast = fast_train(_open(data))  # the same random crop, decoded at 1/2 to 1/8 scale
+        diffs["train"].append((full - fast).abs().mean().item())
+        diffs["other image"].append(
+            (full - full_eval(_open(_photo(seed + 100)).convert("RGB"))).abs().mean().item()
+        )
+    mean = {k: float(np.mean(v)) for k, v in diffs.items()}
+    # Normalised units (1 = one standard deviation, about 57 of 255 levels): well under one level.
+    assert mean["eval"] < 0.02 and mean["train"] < 0.02, mean
+    assert mean["other image"] > 20 * max(mean["eval"], mean["train"]), mean
+
+
+def test_fast_decode_through_the_loader(tiny_shards: Path) -> None:
+    train_tf, eval_tf = build_transforms(16, AugmentConfig(fast_decode=True))
+    loader, steps = build_train_loader(
+        tiny_shards, rank=0, world_size=1, batch_per_rank=4, transform=train_tf, seed=0, loader_workers=2
+    )
+    batches = list(loader)
+    assert len(batches) == steps and batches[0][0].shape == (4, 3, 16, 16)
+    images, _ = next(iter(build_eval_loader(tiny_shards, **{**_EVAL, "transform": eval_tf})[0]))
+    assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()

@@ -73,6 +73,22 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     assert all(f"| {v} |" in md for v in variants)
     assert (repo / "reports" / "accuracy_vs_macs.png").stat().st_size > 1000
 
+    # The HTML report: one self-contained page, one comparison row per variant, each linking to its run.
+    from test_report import parse_page
+
+    page = parse_page(repo / "reports" / "index.html")
+    rows = [a for t, a in page.rows if t == "comparison" and "data-variant" in a]
+    assert [a["data-variant"] for a in rows] == variants
+    assert all("/#/experiments/" in a.get("_links", "") for a in rows)
+    assert page.images and all(src.startswith("data:image/") for src in page.images)
+    # ... and DVC shows its metrics and plots.
+    metrics = json.loads(_sh(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert set(variants) <= set(json.dumps(metrics).split('"')), metrics
+    plots = _sh(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "reports/comparison.csv" in plots and "reports/accuracy_vs_macs.png" in plots
+    assert all(f"reports/curves/{v}.csv" in plots for v in variants)
+    assert "reports/metrics.json" in _sh(["dvc", "exp", "show", "--json"], repo).stdout
+
     # MLflow holds one finished run per variant, with per-epoch metrics and the checkpoint.
     from mlflow.tracking import MlflowClient
 

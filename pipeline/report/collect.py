@@ -1,0 +1,342 @@
+"""What the report reads: the current DVC outputs, and the MLflow runs they name.
+
+Only ``results/<variant>.json`` of the variants in the current params are read, each naming the
+MLflow run that produced it, and ``results/dvt/best.yaml`` naming the DVT tuning run; nothing is
+searched for in the store, so stale or unrelated runs (an older training of the same variant, other
+experiments) never appear. A variant without a results file is reported as missing; a results file
+whose run is gone from the store is an error, as the study cannot be traced any more.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+#: Where ``./run ui`` serves the MLflow UI; ``MLFLOW_UI_URL`` overrides it.
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+#: Per-epoch metrics whose history the report draws (logged at step = epoch by the train stage).
+HISTORY_KEYS = ("val_top1", "val_top5", "val_loss", "train_loss")
+
+#: Model kwargs that leave the architecture (hence parameters and MACs) as the paper built it.
+REGULARISATION_KWARGS = frozenset(
+    {"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate"}
+)
+
+
+class ReportError(RuntimeError):
+    """A results file names an MLflow run the store no longer has (or is unreadable); names both."""
+
+
+def ui_base() -> str:
+    """The MLflow UI the report links to: ``MLFLOW_UI_URL`` or ``./run ui``'s address."""
+    return (os.environ.get("MLFLOW_UI_URL", "").strip() or DEFAULT_UI_URL).rstrip("/")
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of one run."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One finished training as MLflow records it.
+
+    Attributes:
+        run_id: The MLflow run named by ``results/<variant>.json``.
+        experiment_id: Its experiment (for the UI link).
+        status: The run's status (``FINISHED`` for every run a train stage completed).
+        model: The timm model name the run trained (tag ``model``).
+        model_kwargs: The overrides it was built with (params ``model_kwargs.*``).
+        img_size: Training (and evaluation) resolution, px.
+        epochs: Epochs trained.
+        metrics: Latest value of every metric (the last epoch's for per-epoch ones).
+        history: Per-epoch ``(epoch, value)`` of :data:`HISTORY_KEYS` and ``val_top1_exit<k>``.
+        tags: The run's tags (git commit, params hash, ...).
+        url: The run's page in the MLflow UI.
+    """
+
+    run_id: str
+    experiment_id: str
+    status: str
+    model: str
+    model_kwargs: dict[str, Any]
+    img_size: int | None
+    epochs: int | None
+    metrics: dict[str, float]
+    history: dict[str, list[tuple[int, float]]]
+    tags: dict[str, str]
+    url: str
+
+    def metric(self, key: str) -> float | None:
+        value = self.metrics.get(key)
+        return None if value is None or math.isnan(value) else float(value)
+
+    @property
+    def num_exits(self) -> int:
+        """1 for a static model; the number of exits for a multi-exit one (DVT)."""
+        return sum(1 for k in self.metrics if k.startswith("val_top1_exit")) or 1
+
+    @property
+    def kwargs_text(self) -> str:
+        """``model_kwargs`` as ``key=value, ...``."""
+        return ", ".join(f"{k}={v}" for k, v in self.model_kwargs.items())
+
+    @property
+    def paper_architecture(self) -> bool:
+        """Whether the model is built exactly as its registered name says (no size overrides)."""
+        return set(self.model_kwargs) <= REGULARISATION_KWARGS
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant of the current params: its results file and run, or missing."""
+
+    variant: str
+    results_file: Path
+    measured: Measured | None
+    """None when the variant has no results file yet (its train stage has not run)."""
+
+    @property
+    def status(self) -> Literal["measured", "missing"]:
+        return "missing" if self.measured is None else "measured"
+
+
+@dataclass(frozen=True)
+class DVTResult:
+    """The ``tune_dvt`` stage's outputs (``results/dvt/``) and its MLflow run.
+
+    ``status`` is ``missing`` without ``best.yaml``, and ``stale`` when the tuning was done on a
+    training run other than the one ``results/<variant>.json`` now names (or on a variant that is
+    no longer in params); only ``ok`` results are reported.
+    """
+
+    status: Literal["ok", "missing", "stale"]
+    note: str = ""
+    variant: str = ""
+    best: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = ""
+    url: str = ""
+    trials: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The reuse ablation's trial runs (children of the tuning run) by combination name: run id and URL."""
+
+    @property
+    def stage_gmacs(self) -> list[float]:
+        return [float(g) for g in self.best.get("stage_gmacs", [])]
+
+    @property
+    def full_gmacs(self) -> float:
+        """Cost of an image that runs every stage (the last exit)."""
+        return float(sum(self.stage_gmacs))
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything the report shows, read once."""
+
+    variants: list[VariantResult]
+    dvt: DVTResult
+    tracking_uri: str
+    ui_base: str
+    experiment: str = ""
+
+    @property
+    def measured(self) -> list[tuple[str, Measured]]:
+        return [(v.variant, v.measured) for v in self.variants if v.measured is not None]
+
+    def find(self, variant: str) -> VariantResult | None:
+        return next((v for v in self.variants if v.variant == variant), None)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _model_kwargs(params: dict[str, str]) -> dict[str, Any]:
+    """``model_kwargs`` as the train stage flattened it into MLflow params."""
+    prefix = "model_kwargs."
+    return {k.removeprefix(prefix): _parse_value(v) for k, v in params.items() if k.startswith(prefix)}
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _get_run(client: Any, run_id: str, source: Path, tracking_uri: str, what: str) -> Any:
+    """The run named by ``source``, or a :class:`ReportError` naming both."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ReportError(
+            f"{source} names MLflow run {run_id}, which is not in the store {tracking_uri} "
+            f"({err.error_code}); re-run {what} or point MLFLOW_TRACKING_URI at the store that has it"
+        ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ReportError(
+            f"{source} names MLflow run {run_id}, which is deleted in the store {tracking_uri}; "
+            f"restore it (mlflow runs restore --run-id {run_id}) or re-run {what}"
+        )
+    return run
+
+
+def read_measured(
+    client: Any, run_id: str, *, source: Path, tracking_uri: str, base: str, what: str
+) -> Measured:
+    """Fetch one run by id: its latest metrics, per-epoch history, params and tags."""
+    run = _get_run(client, run_id, source, tracking_uri, what)
+    metrics = dict(run.data.metrics)
+    keys = [k for k in HISTORY_KEYS if k in metrics]
+    keys += sorted(k for k in metrics if k.startswith("val_top1_exit"))
+    history = {}
+    for key in keys:
+        points = client.get_metric_history(run_id, key)
+        # One value per epoch; a resumed run never logs an epoch twice, but keep the latest if it did.
+        by_step = {m.step: m.value for m in sorted(points, key=lambda m: (m.step, m.timestamp))}
+        history[key] = sorted(by_step.items())
+    params = dict(run.data.params)
+    tags = dict(run.data.tags)
+    return Measured(
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        model=tags.get("model") or params.get("model", ""),
+        model_kwargs=_model_kwargs(params),
+        img_size=_int_or_none(params.get("train.img_size")),
+        epochs=_int_or_none(params.get("train.epochs")),
+        metrics={k: float(v) for k, v in metrics.items()},
+        history=history,
+        tags=tags,
+        url=run_url(base, run.info.experiment_id, run_id),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not a readable results file ({err})") from None
+    if not isinstance(record, dict) or not record.get("run_id"):
+        raise ReportError(f"{path} names no MLflow run (no run_id); re-run the stage that writes it")
+    return record
+
+
+def read_variant(client: Any, results_dir: Path, variant: str, tracking_uri: str, base: str) -> VariantResult:
+    """``results/<variant>.json`` and its run; ``measured`` is None when the file is missing."""
+    path = results_dir / f"{variant}.json"
+    if not path.is_file():
+        log.warning("%s is missing: train@%s has not run; reported as missing", path, variant)
+        return VariantResult(variant, path, None)
+    record = _read_json(path)
+    measured = read_measured(
+        client, record["run_id"], source=path, tracking_uri=tracking_uri, base=base, what=f"train@{variant}"
+    )
+    tagged = measured.tags.get("variant")
+    if tagged not in (None, variant):
+        raise ReportError(f"{path} names MLflow run {record['run_id']}, which trained variant {tagged!r}")
+    if measured.status != "FINISHED":
+        log.warning("%s: MLflow run %s is %s, not FINISHED", variant, record["run_id"], measured.status)
+    return VariantResult(variant, path, measured)
+
+
+def _float(text: str) -> float | None:
+    if text in ("", "None", None):
+        return None
+    return float(text)  # "inf" / "-inf" parse too
+
+
+def read_curve(path: Path) -> list[dict[str, Any]]:
+    """``results/dvt/curve.csv``: one dict per point, numbers as floats (None where empty)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: (v if k == "source" else _float(v)) for k, v in row.items()} for row in rows]
+
+
+def read_dvt(
+    client: Any, results_dir: Path, variants: dict[str, VariantResult], tracking_uri: str, base: str
+) -> DVTResult:
+    """The DVT tuning outputs if present and made from the current training of their variant."""
+    folder = results_dir / "dvt"
+    best_path, curve_path = folder / "best.yaml", folder / "curve.csv"
+    if not best_path.is_file():
+        log.warning("%s is missing: the tune_dvt stage has not run; DVT reported as missing", best_path)
+        return DVTResult("missing", note=f"{best_path.name} is missing: the tune_dvt stage has not run")
+    best = yaml.safe_load(best_path.read_text()) or {}
+    variant, run_id = best.get("variant", ""), best.get("mlflow_run_id", "")
+    if not run_id:
+        raise ReportError(f"{best_path} names no MLflow run (no mlflow_run_id); re-run tune_dvt")
+    run = _get_run(client, run_id, best_path, tracking_uri, "tune_dvt")
+    url = run_url(base, run.info.experiment_id, run_id)
+    current = variants.get(variant)
+    trained = run.data.tags.get("trained_run_id")
+    if current is None or current.measured is None:
+        note = f"tuned variant {variant!r} is not a trained variant of the current params"
+        log.warning("%s: %s; DVT reported as stale", best_path, note)
+        return DVTResult("stale", note=note, variant=variant, run_id=run_id, url=url)
+    if trained and trained != current.measured.run_id:
+        note = (
+            f"tuned on training run {trained}, but {current.results_file.name} names run "
+            f"{current.measured.run_id}: re-run tune_dvt"
+        )
+        log.warning("%s: %s", best_path, note)
+        return DVTResult("stale", note=note, variant=variant, run_id=run_id, url=url)
+    if not curve_path.is_file():
+        raise ReportError(f"{best_path} exists but {curve_path} is missing; re-run tune_dvt")
+    children = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.dvt_trial = 'reuse'",
+    )
+    trials = {
+        c.info.run_name: {
+            "run_id": c.info.run_id,
+            "run_url": run_url(base, c.info.experiment_id, c.info.run_id),
+        }
+        for c in children
+    }
+    return DVTResult(
+        "ok", variant=variant, best=best, curve=read_curve(curve_path), run_id=run_id, url=url, trials=trials
+    )
+
+
+def collect(
+    results_dir: Path, variants: Sequence[str], tracking_uri: str, *, base: str | None = None
+) -> Study:
+    """Read the current study: one :class:`VariantResult` per variant (in params order) and DVT.
+
+    Args:
+        results_dir: The train stages' ``results/`` folder (with ``dvt/`` from tune_dvt).
+        variants: The variants of the current params, in order.
+        tracking_uri: The MLflow store the runs were logged to.
+        base: MLflow UI address for links (default :func:`ui_base`).
+
+    Raises:
+        ReportError: A results file names a run the store does not have, naming the file and the run.
+    """
+    from mlflow.tracking import MlflowClient
+
+    base = (base or ui_base()).rstrip("/")
+    client = MlflowClient(tracking_uri)
+    results = [read_variant(client, results_dir, v, tracking_uri, base) for v in variants]
+    dvt = read_dvt(client, results_dir, {r.variant: r for r in results}, tracking_uri, base)
+    experiments = {r.measured.experiment_id for r in results if r.measured is not None}
+    names = sorted(client.get_experiment(e).name for e in experiments)
+    return Study(results, dvt, tracking_uri, base, experiment=", ".join(names))

@@ -1,0 +1,260 @@
+"""The static models' tables in the T2T-ViT paper's shape, measured beside published, and metrics.json.
+
+* ``comparison``: T2T-ViT against ViT, one row per variant of the current params;
+* ``paper_t2t_vs_vit``: the paper's own ImageNet table, with the variants training each model;
+* ``cnn_to_vit``: "From CNN to ViT", the paper's rows each followed by this study's variants of it.
+
+DVT's tables are in :mod:`pipeline.report.dvt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.report.collect import Measured, Study
+from pipeline.report.dvt import dvt_budget_table, dvt_reuse_table
+from pipeline.report.paper import CNN_TO_VIT_ROWS, DEMO_SCALE, T2T_VS_VIT_ROWS, paper_beside, paper_row
+from pipeline.report.table import Column, Table, counting
+
+NOT_TRAINED = "not trained in this profile"
+
+
+RUN_COLUMNS = [
+    Column("run_id", "MLflow run", link="run_url", width=8),
+    Column("run_url", "MLflow run URL", show=False),
+]
+
+
+def comparison_table(study: Study) -> Table:
+    """T2T-ViT against ViT: one row per variant of the current params, the paper's row beside it."""
+    cols = [
+        Column("variant", "Variant"),
+        Column("status", "Status", show=False),
+        Column("model", "Model"),
+        Column("model_kwargs", "Overrides"),
+        Column("img_size", "Input (px)", "int"),
+        Column("epochs", "Epochs", "int", show=False),
+        Column("top1", "Top-1 (%)", "float", 2),
+        Column("top5", "Top-5 (%)", "float", 2),
+        Column("params_m", "Params (M)", "float", 2),
+        Column("macs_g", "MACs (G)", "float", 3),
+        Column("images_per_s", "Train images/s", "float", 1),
+        Column("paper_model", "Paper row", show=False),
+        Column("paper_img_size", "Paper input (px)", "int", show=False),
+        Column("paper_top1", "Paper top-1 (%)", "float", 1),
+        Column("paper_params_m", "Paper params (M)", "float", 1),
+        Column("paper_macs_g", "Paper MACs (G)", "float", 1),
+        Column("paper_note", "Paper note", show=False),
+        Column("counting", "Counting"),
+        *RUN_COLUMNS,
+    ]
+    table = Table(
+        "comparison",
+        "T2T-ViT against ViT: measured beside published",
+        "One row per variant of the current params. Measured: validation top-1/top-5 after the last "
+        "epoch (this study's data), parameters (all tensors, frozen ones included) and MACs (all matrix "
+        "multiplications, at the training resolution) of the trained model, training images/s of the "
+        "last epoch over all workers. Paper: ImageNet-1k numbers of the same model, shown only where "
+        "the variant is the paper's model at the paper's size.",
+        cols,
+        row_key="variant",
+    )
+    for result in study.variants:
+        m = result.measured
+        if m is None:
+            table.rows.append(
+                {
+                    "variant": result.variant,
+                    "status": "missing",
+                    "_display": {c.key: "missing" for c in cols if c.key not in ("variant", "status")},
+                }
+            )
+            continue
+        paper, display = paper_beside(m)
+        table.rows.append(
+            {
+                "variant": result.variant,
+                "status": "measured",
+                "model": m.model,
+                "model_kwargs": m.kwargs_text,
+                "img_size": m.img_size,
+                "epochs": m.epochs,
+                "top1": m.metric("val_top1"),
+                "top5": m.metric("val_top5"),
+                "params_m": m.metric("params_m"),
+                "macs_g": m.metric("macs_g"),
+                "images_per_s": m.metric("images_per_s"),
+                **paper,
+                "counting": counting(m.img_size),
+                "run_id": m.run_id,
+                "run_url": m.url,
+                "_display": display,
+            }
+        )
+    return table
+
+
+def _trained_as(study: Study, key: str) -> list[tuple[str, Measured]]:
+    """Measured variants of the model of paper row ``key`` (any size)."""
+    from pipeline.models.paper import PAPER
+
+    model = PAPER[key]["model"] if key in PAPER else key
+    return [(v, m) for v, m in study.measured if m.model == model]
+
+
+def paper_t2t_vs_vit_table(study: Study) -> Table:
+    """The paper's ImageNet table of T2T-ViT against ViT/DeiT, with the variants that train each model."""
+    table = Table(
+        "paper_t2t_vs_vit",
+        "Published: T2T-ViT against ViT and DeiT on ImageNet",
+        "The T2T-ViT paper's (arXiv:2101.11986) comparison, from scratch on ImageNet-1k. MACs as the "
+        "final paper prints them (all matrix multiplications). 'Trained here as' lists the variants of "
+        "this study built on the same model (demo-scale ones marked).",
+        [
+            Column("paper_model", "Paper row", show=False),
+            Column("model", "Model"),
+            Column("img_size", "Input (px)", "int"),
+            Column("top1", "Top-1 (%)", "float", 1),
+            Column("params_m", "Params (M)", "float", 1),
+            Column("macs_g", "MACs (G)", "float", 1),
+            Column("trained_as", "Trained here as"),
+        ],
+    )
+    for key in T2T_VS_VIT_ROWS:
+        p = paper_row(key)
+        trained = [
+            v
+            + (
+                " (demo-scale)"
+                if not m.paper_architecture
+                else ""
+                if m.img_size == p.img_size
+                else f" (at {m.img_size} px)"
+            )
+            for v, m in _trained_as(study, key)
+        ]
+        table.rows.append(
+            {
+                "paper_model": key,
+                "model": p.name,
+                "img_size": p.img_size,
+                "top1": p.top1,
+                "params_m": p.params_m,
+                "macs_g": p.macs_g,
+                "trained_as": ", ".join(trained),
+            }
+        )
+    return table
+
+
+def cnn_to_vit_table(study: Study) -> Table:
+    """The From-CNN-to-ViT table: the paper's rows in order, each followed by this study's variants."""
+    cols = [
+        Column("base", "Base"),
+        Column("design", "CNN design"),
+        Column("paper_model", "Paper row", show=False),
+        Column("model", "Model"),
+        Column("variant", "Variant"),
+        Column("source", "Source"),
+        Column("top1", "Top-1 (%)", "float", 2),
+        Column("params_m", "Params (M)", "float", 2),
+        Column("macs_g", "MACs (G)", "float", 3),
+        Column("images_per_s", "Train images/s", "float", 1),
+        Column("img_size", "Input (px)", "int"),
+        Column("note", "Note"),
+        *RUN_COLUMNS,
+    ]
+    table = Table(
+        "cnn_to_vit",
+        "From CNN to ViT: measured beside published",
+        "T2T-ViT's study of five CNN designs carried into ViT and T2T-ViT. Each 'paper' row gives the "
+        "published ImageNet-1k numbers (MACs as the final paper prints them); the 'measured' rows under "
+        "it are this study's variants of the same model. A demo-scale variant (a model_kwargs override "
+        "of depth or width) is a smaller model, so the paper's numbers are not its numbers.",
+        cols,
+        row_key="variant",
+    )
+    for base, key, design in CNN_TO_VIT_ROWS:
+        p = paper_row(key)
+        trained = _trained_as(study, key)
+        table.rows.append(
+            {
+                "base": base,
+                "design": design,
+                "paper_model": key,
+                "model": p.name,
+                "variant": None,
+                "source": "paper",
+                "top1": p.top1,
+                "params_m": p.params_m,
+                "macs_g": p.macs_g,
+                "img_size": p.img_size,
+                "note": "" if trained else NOT_TRAINED,
+                "_display": {
+                    k: f"{getattr(p, k):.1f}" for k in ("top1", "params_m", "macs_g") if getattr(p, k)
+                },
+            }
+        )
+        for variant, m in trained:
+            note = [DEMO_SCALE + f": {m.kwargs_text}"] if not m.paper_architecture else []
+            note.append(counting(m.img_size))
+            table.rows.append(
+                {
+                    "base": base,
+                    "design": design,
+                    "paper_model": key,
+                    "model": m.model,
+                    "variant": variant,
+                    "source": "measured",
+                    "top1": m.metric("val_top1"),
+                    "params_m": m.metric("params_m"),
+                    "macs_g": m.metric("macs_g"),
+                    "images_per_s": m.metric("images_per_s"),
+                    "img_size": m.img_size,
+                    "note": "; ".join(note),
+                    "run_id": m.run_id,
+                    "run_url": m.url,
+                }
+            )
+    return table
+
+
+def build_tables(study: Study) -> list[Table]:
+    """Every table of the report, in the order the HTML shows them."""
+    return [
+        comparison_table(study),
+        paper_t2t_vs_vit_table(study),
+        cnn_to_vit_table(study),
+        dvt_budget_table(study),
+        dvt_reuse_table(study),
+    ]
+
+
+def metrics_json(study: Study, tables: Sequence[Table]) -> dict[str, Any]:
+    """``reports/metrics.json`` (``dvc metrics show``): per variant, and DVT at each budget."""
+    by_name = {t.name: t for t in tables}
+    variants = {}
+    for row in by_name["comparison"].rows:
+        if row["status"] != "measured":
+            continue
+        variants[row["variant"]] = {
+            k: row[k]
+            for k in ("top1", "top5", "params_m", "macs_g", "images_per_s")
+            if row.get(k) is not None
+        }
+    dvt: dict[str, Any] = {}
+    for row in by_name["dvt_budgets"].rows:
+        if row.get("top1") is None:
+            continue
+        if row.get("point", "").startswith("best"):
+            name = f"budget_{round(100 * row['budget_fraction'])}pct"
+        elif row["point"].startswith("tuned"):
+            name = "msdnet" if "MSDNet" in row["point"] else "optuna"
+        else:
+            name = row["point"].replace(" only", "").replace(" ", "")
+        dvt[name] = {"top1": row["top1"], "avg_gmacs": row["avg_gmacs"]}
+    for row in by_name["dvt_reuse"].rows:
+        if row.get("val_top1") is not None:
+            dvt.setdefault("reuse_top1", {})[row["combination"]] = row["val_top1"]
+    return {"variants": variants, "dvt": dvt}

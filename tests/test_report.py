@@ -1,0 +1,606 @@
+"""The report reads only the current study and puts the papers' numbers beside the measured ones.
+
+Real MLflow (a temporary SQLite store, runs and per-epoch histories made with MlflowClient), real
+results files (the DVT ones written by the tune_dvt stage's own writer), real output files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.models.dvt import DVT_PAPER
+from pipeline.models.paper import PAPER
+from pipeline.report import ReportError, build_report, collect
+from pipeline.report.dvt import BUDGET_FRACTIONS
+from pipeline.report.paper import CNN_TO_VIT_ROWS, DEMO_SCALE
+from pipeline.report.plots import FIGURES
+
+EXPERIMENT = "t2t-vit-study"
+UI = "http://mlflow.example:5000"
+
+#: The study's variants: (name, model, model_kwargs, img_size, params_m, macs_g, final top-1).
+VARIANTS = [
+    ("t2t_vit_7", "t2t_vit_7", {}, 64, 4.258, 0.0985, 61.0),
+    (
+        "vit_7",
+        "vit_s16_paper",
+        {"depth": 7, "embed_dim": 256, "num_heads": 4, "mlp_ratio": 2.0},
+        64,
+        3.9,
+        0.062,
+        52.0,
+    ),
+    ("t2t_vit_14", "t2t_vit_14", {}, 224, 21.5, 4.78, 70.0),
+    ("dvt_t2t_vit_7", "dvt_t2t_vit_12", {"depth": 7}, 64, 13.4, 0.18, 64.0),
+]
+DVT_VARIANT = "dvt_t2t_vit_7"
+STAGE_GMACS = [0.030, 0.057, 0.093]
+EPOCHS = 4
+
+
+@dataclass
+class StudyFiles:
+    """A study on disk: the SQLite store, the results folder, and the ids of what is in it."""
+
+    base: Path
+    runs: dict[str, str]
+    stale_run: str
+    tune_run: str
+    trials: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.base / 'mlflow.db'}"
+
+    @property
+    def results(self) -> Path:
+        return self.base / "results"
+
+    def copy(self, dest: Path) -> StudyFiles:
+        shutil.copytree(self.base, dest)
+        return StudyFiles(dest, dict(self.runs), self.stale_run, self.tune_run, dict(self.trials))
+
+
+def _log_training(
+    client: Any,
+    exp: str,
+    variant: str,
+    model: str,
+    kwargs: dict,
+    img: int,
+    params_m: float,
+    macs_g: float,
+    top1: float,
+    phash: str,
+    exits: int = 1,
+) -> str:
+    """A finished training run as the train stage logs it: params, tags, cost, one row per epoch."""
+    from mlflow.entities import Metric, Param
+
+    from pipeline.tracking import flatten
+
+    tags = {
+        "variant": variant,
+        "model": model,
+        "params_hash": phash,
+        "git_commit": "0123456789abcdef" * 2,
+        "dvc_stage": f"train@{variant}",
+    }
+    run_id = client.create_run(exp, run_name=variant, tags=tags).info.run_id
+    params = flatten(
+        {
+            "variant": variant,
+            "model": model,
+            "model_kwargs": kwargs,
+            "train": {"img_size": img, "epochs": EPOCHS},
+        }
+    )
+    now = int(time.time() * 1000)
+    metrics = [Metric("params_m", params_m, now, 0), Metric("macs_g", macs_g, now, 0)]
+    for epoch in range(EPOCHS):
+        acc = top1 * (epoch + 1) / EPOCHS
+        values = {
+            "train_loss": 1.5 - 0.2 * epoch,
+            "lr": 1e-3,
+            "images_per_s": 100.0 + epoch,
+            "val_top1": acc,
+            "val_top5": min(100.0, acc + 30),
+            "val_loss": 1.4 - 0.2 * epoch,
+        }
+        if exits > 1:
+            values.update({f"val_top1_exit{k}": acc - 4 * (exits - k) for k in range(1, exits + 1)})
+        metrics += [Metric(k, v, now + epoch, epoch) for k, v in values.items()]
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=metrics)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
+    """results/dvt/ exactly as the tune_dvt stage writes it, from a synthetic cascade's softmax outputs."""
+    from types import SimpleNamespace
+
+    from pipeline.dvt.thresholds import best_under_budget, budget_curve, evaluate_thresholds, holdout_split
+    from pipeline.tune import TuneResult, combo_name, write_outputs
+
+    rng = np.random.default_rng(0)
+    n, classes = 240, 4
+    labels = rng.integers(0, classes, n)
+    logits = rng.normal(size=(3, n, classes)) + np.arange(1, 4)[:, None, None] * np.eye(classes)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    stage_macs = [g * 1e9 for g in STAGE_GMACS]
+    calib, test = holdout_split(n, 0.5, 0)
+    budget = 0.06
+    chosen = best_under_budget(
+        budget_curve(probs[:, calib], probs[:, calib], labels[calib], stage_macs), budget * 1e9
+    )
+    curve = budget_curve(probs[:, calib], probs[:, test], labels[test], stage_macs)
+    msdnet = next(p for p in curve if p.q == chosen.q)
+    eta = [0.7, 0.6, -math.inf]
+    optuna = evaluate_thresholds(probs[:, test], labels[test], stage_macs, eta)
+    reuse = {}
+    for i, (feature, relation) in enumerate([(True, True), (True, False), (False, True), (False, False)]):
+        top1 = 40.0 - 2 * i
+        reuse[combo_name({"feature_reuse": feature, "relation_reuse": relation})] = {
+            "val_top1": top1,
+            **{f"val_top1_exit{k}": top1 - 3 + k for k in (1, 2, 3)},
+        }
+    result = TuneResult(
+        reuse=reuse,
+        best_reuse=max(reuse, key=lambda k: reuse[k]["val_top1"]),
+        msdnet={
+            "thresholds": msdnet.thresholds.tolist(),
+            "test_accuracy": msdnet.accuracy,
+            "avg_gmacs": msdnet.avg_macs / 1e9,
+            "exit_fractions": msdnet.exit_fractions.tolist(),
+        },
+        optuna={
+            "thresholds": eta,
+            "calib_accuracy": 50.0,
+            "test_accuracy": optuna.accuracy,
+            "avg_gmacs": optuna.avg_macs / 1e9,
+            "exit_fractions": optuna.exit_fractions.tolist(),
+        },
+        curve=[{"source": "msdnet", **p.to_dict()} for p in curve]
+        + [
+            {
+                "source": "optuna",
+                "q": None,
+                "thresholds": eta,
+                "accuracy": optuna.accuracy,
+                "avg_macs": optuna.avg_macs,
+                "exit_fractions": optuna.exit_fractions.tolist(),
+            }
+        ],
+        stage_gmacs=STAGE_GMACS,
+    )
+    parent = client.create_run(
+        exp,
+        run_name=f"tune_dvt-{DVT_VARIANT}",
+        tags={"dvc_stage": "tune_dvt", "variant": DVT_VARIANT, "trained_run_id": trained_run},
+    )
+    client.set_terminated(parent.info.run_id)
+    # The trials as tune_dvt logs them: child runs named by combination (and threshold trials beside).
+    trials = {}
+    for name in [*reuse, "eta=(0.700,0.600)"]:
+        kind = "threshold" if name.startswith("eta") else "reuse"
+        tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": kind}
+        trials[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    cfg = SimpleNamespace(dvt=SimpleNamespace(variant=DVT_VARIANT, budget_gmacs=budget))
+    write_outputs(result, cfg, results / "dvt", parent_run_id=parent.info.run_id)
+    return parent.info.run_id, trials
+
+
+def make_study(base: Path) -> StudyFiles:
+    """The current study plus noise: an older run of t2t_vit_7 (other params hash) and another experiment."""
+    from mlflow.tracking import MlflowClient
+
+    base.mkdir(parents=True)
+    client = MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(base / "mlartifacts").as_uri())
+    other = client.create_experiment("someone-else", artifact_location=(base / "mlartifacts").as_uri())
+    stale = _log_training(client, exp, "t2t_vit_7", "t2t_vit_7", {}, 64, 4.258, 0.0985, 12.5, phash="old0")
+    _log_training(client, other, "vit_7", "vit_s16_paper", {}, 64, 3.9, 0.062, 13.5, phash="x")
+    runs = {}
+    for name, model, kwargs, img, params_m, macs_g, top1 in VARIANTS:
+        exits = 3 if name == DVT_VARIANT else 1
+        runs[name] = _log_training(
+            client, exp, name, model, kwargs, img, params_m, macs_g, top1, "new1", exits
+        )
+        record = {
+            "variant": name,
+            "model": model,
+            "run_id": runs[name],
+            "experiment": EXPERIMENT,
+            "val_top1": -1.0,
+            "params_m": -1.0,
+        }  # not what the report shows: it reads MLflow
+        (base / "results").mkdir(exist_ok=True)
+        (base / "results" / f"{name}.json").write_text(json.dumps(record))
+    tune, trials = _write_dvt(base / "results", client, exp, runs[DVT_VARIANT])
+    return StudyFiles(base, runs, stale, tune, trials)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> StudyFiles:
+    return make_study(tmp_path_factory.mktemp("report") / "study")
+
+
+@pytest.fixture(scope="module")
+def built(study: StudyFiles) -> Path:
+    """The report of the whole study, built once."""
+    out = study.base / "reports"
+    build_report(study.results, [v[0] for v in VARIANTS], study.uri, out, ui_url=UI)
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _by_variant(path: Path) -> dict[str, dict[str, str]]:
+    return {r["variant"]: r for r in _csv(path) if r["variant"]}
+
+
+class _Page(HTMLParser):
+    """Tables, rows (with their data-* attributes), links and images of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[str] = []
+        self.rows: list[tuple[str, dict[str, str]]] = []
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.tags: set[str] = set()
+        self._row: dict[str, str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.add(tag)
+        if tag == "table":
+            self.tables.append(a.get("data-table", ""))
+        elif tag == "tr":
+            self.rows.append((self.tables[-1], a))
+        elif tag == "a":
+            self.links.append(a.get("href", ""))
+            if self.rows:
+                self.rows[-1][1].setdefault("_links", "")
+                self.rows[-1][1]["_links"] += a.get("href", "") + " "
+        elif tag == "img":
+            self.images.append(a.get("src", ""))
+
+
+def parse_page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+# -- what is written --------------------------------------------------------------------------------
+
+
+def _declared_outputs(root: Path) -> list[str]:
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["report"]
+    paths = []
+    for section in ("outs", "metrics", "plots"):
+        for entry in stage.get(section, []):
+            paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return [p.replace("${report.output}/", "") for p in paths]
+
+
+def test_every_output_dvc_yaml_declares_is_written(root: Path, built: Path) -> None:
+    declared = _declared_outputs(root)
+    assert "index.html" in declared and "metrics.json" in declared
+    for rel in declared:
+        path = built / rel
+        assert path.exists(), f"dvc.yaml declares {rel}, which build_report did not write"
+        assert path.is_dir() and any(path.iterdir()) or path.stat().st_size > 0, rel
+    written = {p.name for p in built.iterdir()}
+    assert written <= set(declared) | {"curves"}, f"written but not declared: {written - set(declared)}"
+
+
+def test_tables_are_markdown_csv_and_parquet_with_the_same_rows(built: Path) -> None:
+    import pyarrow.parquet as pq
+
+    for name in ("comparison", "paper_t2t_vs_vit", "cnn_to_vit", "dvt_budgets", "dvt_reuse"):
+        rows = _csv(built / f"{name}.csv")
+        table = pq.read_table(built / f"{name}.parquet")
+        assert table.column_names == list(rows[0]) and table.num_rows == len(rows) > 0, name
+        for col in table.column_names:
+            values = table.column(col).to_pylist()
+            for text, value in zip((r[col] for r in rows), values, strict=True):
+                if value is None:
+                    assert text == "", (name, col)
+                elif isinstance(value, float):
+                    assert float(text) == pytest.approx(value), (name, col)
+                elif isinstance(value, bool):
+                    assert text == str(value)
+                else:
+                    assert text == str(value), (name, col)
+        assert (built / f"{name}.md").read_text().startswith("# ")
+
+
+def test_figures_are_png_and_svg(built: Path) -> None:
+    for figure in FIGURES:
+        png = (built / f"{figure.name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, figure.name
+        svg = ET.parse(built / f"{figure.name}.svg").getroot()
+        assert svg.tag.endswith("svg"), figure.name
+
+
+# -- only the current study ------------------------------------------------------------------------
+
+
+def test_rows_come_from_the_runs_the_results_files_name(study: StudyFiles, built: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study.uri)
+    same_name = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.variant = 't2t_vit_7'"
+    )
+    assert {r.info.run_id for r in same_name} == {study.runs["t2t_vit_7"], study.stale_run}
+
+    rows = _csv(built / "comparison.csv")
+    assert [r["variant"] for r in rows] == [v[0] for v in VARIANTS]
+    for (name, model, _, img, params_m, macs_g, top1), row in zip(VARIANTS, rows, strict=True):
+        assert row["run_id"] == study.runs[name] and row["model"] == model and row["status"] == "measured"
+        # The last epoch's numbers, read from MLflow (the results files hold -1 on purpose).
+        assert float(row["top1"]) == pytest.approx(top1)
+        assert float(row["params_m"]) == pytest.approx(params_m) and float(row["macs_g"]) == pytest.approx(
+            macs_g
+        )
+        assert float(row["images_per_s"]) == pytest.approx(100.0 + EPOCHS - 1) and row["img_size"] == str(img)
+    for path in built.rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".csv", ".json", ".html"):
+            text = path.read_text(encoding="utf-8")
+            assert study.stale_run not in text and "12.50" not in text and "13.50" not in text, path
+    metrics = json.loads((built / "metrics.json").read_text())
+    assert list(metrics["variants"]) == [v[0] for v in VARIANTS]
+    assert metrics["variants"]["t2t_vit_7"]["top1"] == pytest.approx(61.0)
+
+
+def test_a_variant_without_results_is_missing_not_an_error(study: StudyFiles, tmp_path: Path) -> None:
+    s = study.copy(tmp_path / "study")
+    (s.results / "vit_7.json").unlink()
+    out = tmp_path / "reports"
+    build_report(s.results, [v[0] for v in VARIANTS], s.uri, out, ui_url=UI)
+    rows = _by_variant(out / "comparison.csv")
+    assert rows["vit_7"]["status"] == "missing" and rows["vit_7"]["top1"] == ""
+    assert rows["t2t_vit_7"]["status"] == "measured"
+    assert "| vit_7 | missing |" in (out / "comparison.md").read_text()
+    assert "vit_7" not in json.loads((out / "metrics.json").read_text())["variants"]
+    page = parse_page(out / "index.html")
+    [(_, attrs)] = [(t, a) for t, a in page.rows if t == "comparison" and a.get("data-variant") == "vit_7"]
+    assert attrs["class"] == "missing" and "_links" not in attrs
+    assert not (out / "curves" / "vit_7.csv").exists() and (out / "curves" / "t2t_vit_7.csv").exists()
+
+
+@pytest.mark.parametrize("how", ["never existed", "deleted"])
+def test_a_results_file_whose_run_is_gone_is_an_error_naming_both(
+    study: StudyFiles, tmp_path: Path, how: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    s = study.copy(tmp_path / "study")
+    path = s.results / "vit_7.json"
+    if how == "deleted":
+        MlflowClient(s.uri).delete_run(s.runs["vit_7"])
+        gone = s.runs["vit_7"]
+    else:
+        gone = "0" * 32
+        path.write_text(json.dumps({**json.loads(path.read_text()), "run_id": gone}))
+    with pytest.raises(ReportError) as err:
+        collect(s.results, [v[0] for v in VARIANTS], s.uri)
+    assert str(path) in str(err.value) and gone in str(err.value)
+
+
+def test_the_stage_fails_in_one_line_naming_the_file_and_the_run(
+    root: Path, study: StudyFiles, tmp_path: Path
+) -> None:
+    s = study.copy(tmp_path / "study")
+    path = s.results / "t2t_vit_7.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "run_id": "f" * 32}))
+    shutil.copy(root / "dvc.yaml", s.base / "dvc.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (s.base / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": s.uri, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.report"],
+        cwd=s.base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert str(path) in proc.stderr and "f" * 32 in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dvt_tuned_on_another_training_is_stale_and_not_shown(study: StudyFiles, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    s = study.copy(tmp_path / "study")
+    MlflowClient(s.uri).set_tag(s.tune_run, "trained_run_id", s.stale_run)
+    result = collect(s.results, [v[0] for v in VARIANTS], s.uri)
+    assert result.dvt.status == "stale" and s.stale_run in result.dvt.note
+
+    from pipeline.report.dvt import dvt_budget_table, dvt_reuse_table
+
+    assert dvt_budget_table(result).rows == [] and dvt_reuse_table(result).rows == []
+
+
+# -- the papers' numbers beside ----------------------------------------------------------------------
+
+
+def test_paper_numbers_only_beside_the_papers_model(built: Path) -> None:
+    rows = _by_variant(built / "comparison.csv")
+    t14 = rows["t2t_vit_14"]  # the paper's model at the paper's resolution: every number beside
+    assert float(t14["paper_top1"]) == PAPER["t2t_vit_14"]["top1"]
+    assert float(t14["paper_params_m"]) == PAPER["t2t_vit_14"]["params_m"]
+    assert float(t14["paper_macs_g"]) == PAPER["t2t_vit_14"]["macs_g"]
+    t7 = rows["t2t_vit_7"]  # the paper's model at 64 px: its parameters, not its 224-px MACs
+    assert float(t7["paper_params_m"]) == PAPER["t2t_vit_7"]["params_m"] and t7["paper_macs_g"] == ""
+    assert t7["paper_img_size"] == "224" and "64 px" in t7["paper_note"]
+    for demo in ("vit_7", "dvt_t2t_vit_7"):  # model_kwargs change the size: not the paper's model
+        r = rows[demo]
+        assert r["paper_top1"] == r["paper_params_m"] == r["paper_macs_g"] == ""
+        assert r["paper_note"].startswith(DEMO_SCALE)
+    md = {
+        line.split("|")[1].strip(): line
+        for line in (built / "comparison.md").read_text().splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    assert md["vit_7"].count(DEMO_SCALE) == 3 and md["dvt_t2t_vit_7"].count(DEMO_SCALE) == 3
+    assert "| 81.5 | 21.5 | 4.8 |" in md["t2t_vit_14"]
+    assert "n/a (paper at 224 px)" in md["t2t_vit_7"] and "not published" in md["t2t_vit_7"]
+
+
+def test_every_measured_row_names_its_counting_convention(built: Path) -> None:
+    for name, _, _, img, *_ in VARIANTS:
+        row = _by_variant(built / "comparison.csv")[name]
+        assert row["counting"] == f"params: all tensors; MACs: all-matmul at {img} px"
+    for row in _csv(built / "cnn_to_vit.csv"):
+        if row["source"] == "measured":
+            assert "all-matmul at" in row["note"]
+
+
+def test_cnn_to_vit_has_the_papers_rows_and_the_variants_under_them(built: Path, study: StudyFiles) -> None:
+    rows = _csv(built / "cnn_to_vit.csv")
+    paper = [r for r in rows if r["source"] == "paper"]
+    assert [r["paper_model"] for r in paper] == [key for _, key, _ in CNN_TO_VIT_ROWS]
+    for r in paper:
+        assert float(r["top1"]) == PAPER[r["paper_model"]]["top1"]
+        assert float(r["params_m"]) == PAPER[r["paper_model"]]["params_m"]
+    i = next(i for i, r in enumerate(rows) if r["paper_model"] == "vit_s16_paper")
+    assert rows[i + 1]["variant"] == "vit_7" and rows[i + 1]["run_id"] == study.runs["vit_7"]
+    assert rows[i + 1]["note"].startswith(DEMO_SCALE)
+    j = next(i for i, r in enumerate(rows) if r["paper_model"] == "t2t_vit_14")
+    assert rows[j + 1]["variant"] == "t2t_vit_14" and float(rows[j + 1]["top1"]) == pytest.approx(70.0)
+    assert not any(r["variant"] in ("t2t_vit_7", DVT_VARIANT) for r in rows)
+
+
+def test_paper_table_lists_the_variants_training_each_model(built: Path) -> None:
+    rows = {r["paper_model"]: r for r in _csv(built / "paper_t2t_vs_vit.csv")}
+    assert rows["vit_s16_paper"]["trained_as"] == "vit_7 (demo-scale)"
+    assert rows["t2t_vit_14"]["trained_as"] == "t2t_vit_14" and rows["vit_b16_paper"]["trained_as"] == ""
+    assert float(rows["t2t_vit_14@384"]["top1"]) == PAPER["t2t_vit_14@384"]["top1"]
+
+
+# -- DVT ---------------------------------------------------------------------------------------------
+
+
+def test_dvt_accuracy_at_each_budget_is_the_best_sweep_point_within_it(
+    built: Path, study: StudyFiles
+) -> None:
+    curve = [r for r in _csv(study.results / "dvt" / "curve.csv") if r["source"] == "msdnet"]
+    rows = _csv(built / "dvt_budgets.csv")
+    full = sum(STAGE_GMACS)
+    budgets = [r for r in rows if r["point"].startswith("best")]
+    assert [float(r["budget_fraction"]) for r in budgets] == list(BUDGET_FRACTIONS)
+    for r in budgets:
+        budget = float(r["budget_fraction"]) * full
+        fits = [p for p in curve if float(p["avg_gmacs"]) <= budget + 1e-12]
+        if not fits:
+            assert r["top1"] == ""
+            continue
+        best = max(float(p["accuracy"]) for p in fits)
+        assert float(r["top1"]) == pytest.approx(best) and float(r["avg_gmacs"]) <= budget + 1e-12
+        assert sum(float(r[f"exit{k}"]) for k in (1, 2, 3)) == pytest.approx(1.0)
+        static = [(top1, n) for n, _, _, _, _, macs, top1 in VARIANTS if n != DVT_VARIANT and macs <= budget]
+        assert r["static_variant"] == (max(static)[1] if static else "none")
+    best_yaml = yaml.safe_load((study.results / "dvt" / "best.yaml").read_text())
+    tuned = {r["point"]: r for r in rows if r["point"].startswith("tuned")}
+    for search, row in zip(("msdnet", "optuna"), tuned.values(), strict=True):
+        assert float(row["top1"]) == pytest.approx(best_yaml["thresholds"][search]["test_accuracy"])
+        assert float(row["eta1"]) == pytest.approx(best_yaml["thresholds"][search]["thresholds"][0])
+    exits = [r for r in rows if r["point"].startswith("exit")]
+    for k, r in enumerate(exits, start=1):
+        assert float(r["top1"]) == pytest.approx(64.0 - 4 * (3 - k))  # val_top1_exit<k>, last epoch
+        assert float(r["avg_gmacs"]) == pytest.approx(sum(STAGE_GMACS[:k]))
+        assert r["paper_gmacs"] == "" and r["run_id"] == study.runs[DVT_VARIANT]
+    assert DEMO_SCALE in (built / "dvt_budgets.md").read_text()
+    assert set(DVT_PAPER) >= {"dvt_t2t_vit_12"}
+
+
+def test_reuse_ablation_has_every_combination(built: Path, study: StudyFiles) -> None:
+    rows = _csv(built / "dvt_reuse.csv")
+    assert [(r["feature_reuse"], r["relation_reuse"]) for r in rows] == [
+        ("True", "True"),
+        ("True", "False"),
+        ("False", "True"),
+        ("False", "False"),
+    ]
+    assert [float(r["delta_pts"]) for r in rows] == [0.0, -2.0, -4.0, -6.0]
+    assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
+    assert [r["run_id"] for r in rows] == [study.trials[r["combination"]] for r in rows]
+    budget_rows = _csv(built / "dvt_budgets.csv")
+    assert {r["run_id"] for r in budget_rows if not r["point"].startswith("exit")} == {study.tune_run}
+    metrics = json.loads((built / "metrics.json").read_text())["dvt"]
+    assert metrics["reuse_top1"]["feature=on,relation=on"] == 40.0
+    assert {"budget_100pct", "msdnet", "optuna", "exit1", "exit3"} <= set(metrics)
+
+
+# -- the HTML page -----------------------------------------------------------------------------------
+
+
+def test_html_is_self_contained_and_links_every_measured_row_to_its_run(
+    built: Path, study: StudyFiles
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    page = parse_page(built / "index.html")
+    assert {"comparison", "paper_t2t_vs_vit", "cnn_to_vit", "dvt_budgets", "dvt_reuse", "provenance"} <= set(
+        page.tables
+    )
+    assert len(page.images) == len(FIGURES) and all(
+        s.startswith("data:image/svg+xml;base64,") for s in page.images
+    )
+    assert not page.tags & {"script", "link", "iframe", "object"}
+    html = (built / "index.html").read_text(encoding="utf-8")
+    assert "url(" not in html and 'src="http' not in html
+    assert all(link.startswith((UI + "/#/experiments/", "#")) or link == UI for link in page.links)
+    exp = MlflowClient(study.uri).get_experiment_by_name(EXPERIMENT).experiment_id
+    rows = [a for t, a in page.rows if t == "comparison" and "data-variant" in a]
+    assert [a["data-variant"] for a in rows] == [v[0] for v in VARIANTS]
+    for attrs in rows:
+        run = study.runs[attrs["data-variant"]]
+        assert attrs["_links"].split() == [f"{UI}/#/experiments/{exp}/runs/{run}"]
+    measured = [a for t, a in page.rows if t == "cnn_to_vit" and a.get("class") == "measured"]
+    assert len(measured) == 2 and all(len(a["_links"].split()) == 1 for a in measured)
+    for table in ("dvt_budgets", "dvt_reuse"):
+        body = [a for t, a in page.rows if t == table][1:]  # after the header row
+        assert body and all(f"{UI}/#/experiments/{exp}/runs/" in a.get("_links", "") for a in body), table
+
+
+def test_run_links_follow_mlflow_ui_url(study: StudyFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_UI_URL", "https://mlflow.internal/")
+    result = collect(study.results, ["t2t_vit_7"], study.uri)
+    assert result.variants[0].measured.url.startswith("https://mlflow.internal/#/experiments/")
+    monkeypatch.delenv("MLFLOW_UI_URL")
+    result = collect(study.results, ["t2t_vit_7"], study.uri)
+    assert result.variants[0].measured.url.startswith("http://127.0.0.1:5000/#/experiments/")
+
+
+def test_training_curves_come_from_the_metric_history(built: Path) -> None:
+    rows = _csv(built / "curves" / "t2t_vit_7.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    assert [float(r["val_top1"]) for r in rows] == pytest.approx(
+        [61.0 * (e + 1) / EPOCHS for e in range(EPOCHS)]
+    )
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([1.5 - 0.2 * e for e in range(EPOCHS)])
