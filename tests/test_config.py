@@ -128,3 +128,23 @@ def test_config_is_immutable(root: Path) -> None:
     with pytest.raises(ValidationError):
         cfg.train.epochs = 1  # type: ignore[misc]
     assert copy.deepcopy(cfg) == cfg
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/mini.yaml", "profiles/imagenet.yaml"])
+def test_every_variant_names_a_registered_model(root: Path, name: str) -> None:
+    import timm
+
+    import pipeline.models  # noqa: F401 - registers the study's models
+
+    cfg = load_config(root / name)
+    assert {v.model for v in cfg.variants.values()} <= set(timm.list_models())
+
+
+def test_imagenet_profile_lists_the_whole_zoo(root: Path) -> None:
+    import timm
+
+    import pipeline.models  # noqa: F401
+
+    cfg = load_config(root / "profiles/imagenet.yaml")
+    zoo = set(timm.list_models("t2t_vit*")) | set(timm.list_models("*_paper")) | set(timm.list_models("dvt_*"))
+    assert zoo <= {v.model for v in cfg.variants.values()}
