@@ -289,6 +289,7 @@ def _job_id(out: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.timeout(1800)  # the mini study is 3 variants and a Ray Tune stage; 12 min on a loaded 2-core box
 def test_submitted_study_runs_on_the_cluster_and_lands_in_shared_storage(
     root: Path, cluster: Cluster, tmp_path: Path
