@@ -146,5 +146,7 @@ def test_imagenet_profile_lists_the_whole_zoo(root: Path) -> None:
     import pipeline.models  # noqa: F401
 
     cfg = load_config(root / "profiles/imagenet.yaml")
-    zoo = set(timm.list_models("t2t_vit*")) | set(timm.list_models("*_paper")) | set(timm.list_models("dvt_*"))
+    zoo = (
+        set(timm.list_models("t2t_vit*")) | set(timm.list_models("*_paper")) | set(timm.list_models("dvt_*"))
+    )
     assert zoo <= {v.model for v in cfg.variants.values()}
