@@ -36,3 +36,18 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_shards(base / "images", base / "shards", max_samples_per_shard=10, seed=0, show_progress=False)
     return base / "shards"
+
+
+def copy_worktree(root: Path, dest: Path) -> None:
+    """Copy the tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        src = root / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)

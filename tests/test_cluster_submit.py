@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_worktree
 
 BIN = Path(sys.executable).parent
 
@@ -240,14 +241,7 @@ def test_submit_refuses_checkpoints_in_the_jobs_throwaway_copy(root: Path, tmp_p
 
 def _copy_repo(root: Path, dest: Path, params: dict) -> Path:
     """The tracked and untracked-but-not-ignored files, committed, with the given params.yaml."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        src = root / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
+    copy_worktree(root, dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / "dvc.lock").unlink(missing_ok=True)
     git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_worktree
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +35,7 @@ def _sh(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
 
 def _copy_repo(root: Path, dest: Path, params: str) -> Path:
     """The tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        src = root / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
+    copy_worktree(root, dest)
     shutil.copy2(root / params, dest / "params.yaml")
     (dest / "dvc.lock").unlink(missing_ok=True)
     _sh(["git", "init", "-q"], dest)
