@@ -2,18 +2,21 @@
 
     python -m benchmarks.scaling [--shards data/shards] [--model t2t_vit_7] [--img-size 64] [--epochs 2]
 
-Both runs train the same model on the same shards with the same global batch through the
+All runs train the same model on the same shards with the same global batch through the
 project's own ``fit`` (no MLflow); images/s is the last epoch's, over all workers. Scaling
-efficiency = (images/s with N workers) / (N x images/s with 1 worker). Needs one free CPU per
-worker; on a 2-core laptop the 2-worker run has no core left for the driver or the loader, so
-expect well under 100 %.
+efficiency = (images/s with N workers) / (N x images/s with 1 worker). A third run gives one
+worker both cores as torch threads instead: the alternative to DDP on one small machine. Needs
+one free CPU per worker; on a 2-core laptop the 2-worker run has no core left for the driver or
+the loader, so expect well under 100 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 from pipeline.config import AugmentConfig, TrainConfig
@@ -21,20 +24,20 @@ from pipeline.shards import read_manifest
 from pipeline.train.loop import RunSpec
 
 
-def _run(spec: RunSpec, workers: int) -> float:
+def _run(spec: RunSpec, workers: int, storage: str, threads: int = 1) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.runner import _worker
 
-    train = spec.train.model_copy(update={"num_workers": workers})
+    train = spec.train.model_copy(update={"num_workers": workers, "torch_threads": threads})
     spec = RunSpec(**{**spec.__dict__, "train": train})
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"spec": spec.to_dict()},
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"bench-scaling-{workers}", storage_path="/tmp/bench-scaling"),
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
+        run_config=RunConfig(name=f"bench-scaling-{workers}x{threads}", storage_path=storage),
     )
     return float(trainer.fit().metrics["images_per_s"])
 
@@ -46,6 +49,7 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="global batch")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"depth\": 7}'")
     args = p.parse_args()
 
     import ray
@@ -55,19 +59,23 @@ def main() -> None:
                         batch_size=args.batch, lr=1e-3, drop_path_rate=0.0, num_workers=1,
                         augment=AugmentConfig(scale_min=0.35))  # fmt: skip
     spec = RunSpec(variant="bench", model=args.model, train=train, shards=str(args.shards.resolve()),
-                   num_classes=num_classes)  # fmt: skip
+                   num_classes=num_classes, model_kwargs=json.loads(args.model_kwargs))  # fmt: skip
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        one = _run(spec, 1)
-        two = _run(spec, 2)
+        # A fresh storage folder: Ray would otherwise resume a same-named run from an earlier call.
+        with tempfile.TemporaryDirectory(prefix="bench-scaling-") as storage:
+            one = _run(spec, 1, storage)
+            two = _run(spec, 2, storage)
+            threads = _run(spec, 1, storage, threads=2)
     finally:
         ray.shutdown()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.model} at {args.img_size}px, "
           f"global batch {args.batch}, last of {args.epochs} epochs")  # fmt: skip
-    print("| workers | images/s | speed-up | scaling efficiency |")
-    print("|---:|---:|---:|---:|")
-    print(f"| 1 (baseline) | {one:.1f} | 1.00 | 100 % |")
-    print(f"| 2 | {two:.1f} | {two / one:.2f} | {100 * two / (2 * one):.0f} % |")
+    print("| workers x torch threads | images/s | speed-up | scaling efficiency |")
+    print("|---|---:|---:|---:|")
+    print(f"| 1 x 1 (baseline) | {one:.1f} | 1.00 | 100 % |")
+    print(f"| 2 x 1 (DDP, gloo) | {two:.1f} | {two / one:.2f} | {100 * two / (2 * one):.0f} % |")
+    print(f"| 1 x 2 (no DDP) | {threads:.1f} | {threads / one:.2f} | {100 * threads / (2 * one):.0f} % |")
 
 
 if __name__ == "__main__":

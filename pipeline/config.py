@@ -147,6 +147,9 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Also checkpoint every N steps (0: per epoch only)."
     )
+    max_steps_per_epoch: int | None = Field(
+        None, gt=0, description="Cap on optimizer steps per epoch (None: one full pass); for quick runs."
+    )
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
@@ -227,6 +230,9 @@ class DVTConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed of the calibration split and the searches.")
     threshold_trials: int = Field(48, ge=1, description="Ray Tune (Optuna) trials over the thresholds.")
     reuse_epochs: int = Field(3, ge=1, description="Epochs per reuse-ablation trial.")
+    reuse_steps_per_epoch: int | None = Field(
+        None, gt=0, description="Cap on optimizer steps per reuse-trial epoch (None: full epochs)."
+    )
     reuse_workers: int = Field(1, ge=1, description="Ray Train workers per reuse-ablation trial.")
     max_concurrent_trials: int = Field(2, ge=1)
 

@@ -3,15 +3,17 @@
 (a) **Reuse settings.** One Tune trial per combination of feature and relationship reuse; each
     trial is a Tune function that builds and fits a Ray Train ``TorchTrainer`` (the Ray Train V2
     pattern; ``Tuner(trainer)`` is not supported) running the same :func:`~pipeline.train.loop.fit`
-    as the train stage, for ``dvt.reuse_epochs`` epochs.
+    as the train stage, for ``dvt.reuse_epochs`` epochs (of at most ``dvt.reuse_steps_per_epoch``
+    steps, when set: a short budget for the demo).
 (b) **Thresholds.** On cached per-stage probabilities of the trained cascade over the validation
     split, a seeded split holds out ``dvt.holdout_fraction`` for calibration; Optuna (through Ray
     Tune) searches the two thresholds for the highest calibration accuracy within the budget of
     average MACs per image, and the MSDNet rule's sweep is run on the same samples. Both are then
     scored on the other part, which neither saw.
 
-Every trial is an MLflow child run of one study run (tag ``mlflow.parentRunId``), logged by the
-trial itself and by nothing else, so there are no duplicates.
+Every trial is an MLflow child run of one study run (tag ``mlflow.parentRunId``), logged once:
+a reuse trial logs its own run (it trains for minutes); threshold trials take milliseconds, so the
+driver writes their runs from Tune's results after the search.
 """
 
 from __future__ import annotations
@@ -98,35 +100,47 @@ def reuse_trial(config: dict[str, Any]) -> None:
 
 
 def threshold_trial(config: dict[str, Any], *, data: dict[str, Any]) -> dict[str, float]:
-    """A Tune function trainable: score one pair of thresholds on the calibration samples."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    """A Tune function trainable: score one pair of thresholds on the calibration samples.
 
+    Scoring takes milliseconds, so the trial leaves MLflow to the driver (one child run per trial,
+    written after the search): a database round trip per trial would cost more than the trial.
+    """
     thresholds = [config["eta1"], config["eta2"], -math.inf]
     result = evaluate_thresholds(data["probs"], data["labels"], data["stage_macs"], thresholds)
     budget = data["budget"]
     # Infeasible settings rank below every feasible one, closer misses above farther ones.
     score = result.accuracy if result.avg_macs <= budget else -100.0 * result.avg_macs / budget
-    client = MlflowClient(data["tracking_uri"])
-    run_id = _child_run(
-        client,
-        data["parent_run_id"],
-        data["experiment_id"],
-        f"eta=({config['eta1']:.3f},{config['eta2']:.3f})",
-        {"dvt_trial": "threshold"},
-    )
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        params=[Param("eta1", str(config["eta1"])), Param("eta2", str(config["eta2"]))],
-        metrics=[
-            Metric("calib_accuracy", result.accuracy, now, 0),
-            Metric("calib_avg_gmacs", result.avg_macs / 1e9, now, 0),
-            Metric("score", score, now, 0),
-        ],
-    )
-    client.set_terminated(run_id)
     return {"score": score, "accuracy": result.accuracy, "avg_macs": result.avg_macs}
+
+
+def _log_threshold_trials(results: Any, data: dict[str, Any]) -> None:
+    """One MLflow child run of the study run per threshold trial, in trial order."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(data["tracking_uri"])
+    for result in sorted(results, key=lambda r: r.path or ""):
+        if result.error is not None:
+            raise RuntimeError(f"threshold trial {result.config} failed: {result.error}")
+        eta1, eta2, m = result.config["eta1"], result.config["eta2"], result.metrics
+        run_id = _child_run(
+            client,
+            data["parent_run_id"],
+            data["experiment_id"],
+            f"eta=({eta1:.3f},{eta2:.3f})",
+            {"dvt_trial": "threshold"},
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param("eta1", str(eta1)), Param("eta2", str(eta2))],
+            metrics=[
+                Metric("calib_accuracy", m["accuracy"], now, 0),
+                Metric("calib_avg_gmacs", m["avg_macs"] / 1e9, now, 0),
+                Metric("score", m["score"], now, 0),
+            ],
+        )
+        client.set_terminated(run_id)
 
 
 @torch.no_grad()
@@ -172,6 +186,7 @@ def _search_reuse(cfg: Any, base: RunSpec, common: dict[str, Any]) -> dict[str, 
             "warmup_epochs": min(base.train.warmup_epochs, cfg.dvt.reuse_epochs - 1 or 0.5),
             "cooldown_epochs": 0,
             "checkpoint_every_steps": 0,
+            "max_steps_per_epoch": cfg.dvt.reuse_steps_per_epoch,
         }
     )
     spec = RunSpec(**{**base.__dict__, "train": train})
@@ -211,7 +226,9 @@ def _search_thresholds(cfg: Any, data: dict[str, Any], storage: str) -> dict[str
         ),
         run_config=tune.RunConfig(name="thresholds", storage_path=storage),
     )
-    best = tuner.fit().get_best_result(metric="score", mode="max")
+    results = tuner.fit()
+    _log_threshold_trials(results, data)
+    best = results.get_best_result(metric="score", mode="max")
     return {"eta1": best.config["eta1"], "eta2": best.config["eta2"], **best.metrics}
 
 
@@ -230,7 +247,12 @@ def tune_dvt(
     base = RunSpec(**{**base.__dict__, "shards": shards, "tracking_uri": tracking_uri})
     common = {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage_path": storage}
 
-    log.info("reuse ablation: %d trials of %d epoch(s)", len(REUSE_COMBINATIONS), cfg.dvt.reuse_epochs)
+    log.info(
+        "reuse ablation: %d trials of %d epoch(s)%s",
+        len(REUSE_COMBINATIONS),
+        cfg.dvt.reuse_epochs,
+        f" of at most {cfg.dvt.reuse_steps_per_epoch} steps" if cfg.dvt.reuse_steps_per_epoch else "",
+    )
     reuse = _search_reuse(cfg, base, common)
     best_reuse = max(reuse, key=lambda k: reuse[k]["val_top1"])
 
@@ -377,7 +399,13 @@ def write_outputs(result: TuneResult, cfg: Any, out: Path, *, parent_run_id: str
         "mlflow_run_id": parent_run_id,
         "budget_gmacs": cfg.dvt.budget_gmacs,
         "stage_gmacs": result.stage_gmacs,
-        "reuse": {"best": result.best_reuse, "val_top1": result.reuse},
+        "reuse": {
+            "epochs": cfg.dvt.reuse_epochs,
+            "steps_per_epoch": cfg.dvt.reuse_steps_per_epoch,
+            "workers": cfg.dvt.reuse_workers,
+            "best": result.best_reuse,
+            "val_top1": result.reuse,
+        },
         "thresholds": {"msdnet": result.msdnet, "optuna": result.optuna},
     }
     (out / "best.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(best, default=str)), sort_keys=False))

@@ -56,6 +56,16 @@ def test_fit_reports_every_epoch_and_learns(tiny_shards: Path) -> None:
     }
 
 
+def test_max_steps_per_epoch_caps_every_epoch(tiny_shards: Path) -> None:
+    full, capped = LocalSession(), LocalSession()
+    fit(_spec(tiny_shards, epochs=2), full)
+    fit(_spec(tiny_shards, epochs=2, max_steps_per_epoch=2), capped)
+    assert full.state["step"] > 2
+    assert capped.state["step"] == 2
+    assert [m["epoch"] for m in capped.history] == [0, 1]
+    assert capped.history[-1]["train_loss"] != full.history[-1]["train_loss"]
+
+
 def test_same_seed_same_losses(tiny_shards: Path) -> None:
     runs = [LocalSession(), LocalSession()]
     for s in runs:

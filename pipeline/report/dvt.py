@@ -194,6 +194,14 @@ def dvt_reuse_table(study: Study) -> Table:
         table.caption += f" No DVT results: {study.dvt.status} ({study.dvt.note})."
         return table
     reuse = study.dvt.best.get("reuse", {})
+    if reuse.get("epochs"):
+        steps = reuse.get("steps_per_epoch")
+        table.caption += (
+            f" Here each trial trained {reuse['epochs']} epoch(s)"
+            + (f" of at most {steps} optimizer steps" if steps else "")
+            + f" on {reuse.get('workers', 1)} worker(s), against the paper's full training: read the"
+            " differences with the trial budget in mind."
+        )
     scores = reuse.get("val_top1", {})
     parsed = []
     for name, metrics in scores.items():

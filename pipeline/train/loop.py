@@ -190,6 +190,8 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         loader_workers=cfg.loader_workers,
         accumulation=accum,
     )
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)  # the same cap on every rank: DDP stays in step
     eval_loader, _ = build_eval_loader(
         spec.shards,
         rank=session.rank,
