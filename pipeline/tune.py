@@ -1,10 +1,11 @@
 """Ray Tune for DVT: the reuse ablation and the exit thresholds under a MACs budget.
 
-(a) **Reuse settings.** One Tune trial per combination of feature and relationship reuse; each
-    trial is a Tune function that builds and fits a Ray Train ``TorchTrainer`` (the Ray Train V2
-    pattern; ``Tuner(trainer)`` is not supported) running the same :func:`~pipeline.train.loop.fit`
-    as the train stage, for ``dvt.reuse_epochs`` epochs (of at most ``dvt.reuse_steps_per_epoch``
-    steps, when set: a short budget for the demo).
+(a) **Reuse settings.** One Tune trial per combination of feature and relationship reuse, each
+    running the same :func:`~pipeline.train.loop.fit` as the train stage for ``dvt.reuse_epochs``
+    epochs (of at most ``dvt.reuse_steps_per_epoch`` steps, when set: a short budget for the
+    demo). With ``dvt.reuse_workers`` > 1 the trial is a Tune function that builds and fits a Ray
+    Train ``TorchTrainer`` (the Ray Train V2 pattern; ``Tuner(trainer)`` is not supported); with
+    one worker it fits in the trial's own process.
 (b) **Thresholds.** On cached per-stage probabilities of the trained cascade over the validation
     split, a seeded split holds out ``dvt.holdout_fraction`` for calibration; Optuna (through Ray
     Tune) searches the two thresholds for the highest calibration accuracy within the budget of
@@ -36,7 +37,7 @@ from pipeline.dvt.thresholds import (
     evaluate_thresholds,
     holdout_split,
 )
-from pipeline.train.loop import RunSpec, build_model
+from pipeline.train.loop import RunSpec, build_model, fit
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,51 @@ def _child_run(client: Any, parent: str, experiment_id: str, name: str, tags: di
     ).info.run_id
 
 
-def reuse_trial(config: dict[str, Any]) -> None:
-    """A Tune function trainable: fit one reuse combination with a TorchTrainer, report to Tune."""
-    from mlflow.tracking import MlflowClient
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+class _TrialSession:
+    """One in-process rank inside a Tune trial: epoch metrics go to Tune and to the trial's MLflow run.
 
-    from pipeline.train.runner import _worker
+    Used when a reuse trial has one worker: DDP has nothing to do then, and running :func:`fit`
+    in the trial's own process saves starting a Ray Train controller and a worker per trial.
+    """
+
+    def __init__(self, spec: RunSpec, client: Any) -> None:
+        use_gpu = spec.train.use_gpu and torch.cuda.is_available()
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device("cuda:0" if use_gpu else "cpu")
+        if not use_gpu:
+            torch.set_num_threads(spec.train.torch_threads)
+        self.spec, self.client = spec, client
+
+    def checkpoint(self) -> None:
+        return None  # a failed trial starts over: it is short
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        from mlflow.entities import Metric
+        from ray import tune
+
+        if "val_top1" not in metrics:
+            return
+        now, epoch = int(time.time() * 1000), int(metrics["epoch"])
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.spec.run_id, metrics=batch)
+        tune.report(dict(metrics))
+
+
+def _trial_resources(train: Any) -> dict[str, float]:
+    """What a reuse trial asks Tune for: its one worker's share, or nearly nothing when the trial
+    only drives a TorchTrainer whose workers ask for their own."""
+    if train.num_workers > 1:
+        return {"CPU": 0.01}
+    return {"CPU": train.cpus_per_worker, "GPU": 1 if train.use_gpu else 0}
+
+
+def reuse_trial(config: dict[str, Any]) -> None:
+    """A Tune function trainable: fit one reuse combination, report each epoch to Tune.
+
+    One worker: :func:`fit` runs in the trial's process. Several: the trial builds and fits a
+    Ray Train ``TorchTrainer`` (DDP) that reports through ``TuneReportCallback``.
+    """
+    from mlflow.tracking import MlflowClient
 
     spec = RunSpec.from_dict(config["spec"])
     combo = config["combo"]
@@ -78,25 +116,37 @@ def reuse_trial(config: dict[str, Any]) -> None:
     spec = RunSpec(**{**spec.__dict__, "run_id": run_id, "model_kwargs": {**spec.model_kwargs, **combo}})
     status = "FAILED"
     try:
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"spec": spec.to_dict()},
-            torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=spec.train.num_workers,
-                use_gpu=spec.train.use_gpu,
-                resources_per_worker={"CPU": spec.train.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"reuse-{run_id[:8]}",
-                storage_path=config["storage_path"],
-                callbacks=[TuneReportCallback()],
-            ),
-        )
-        trainer.fit()
+        if spec.train.num_workers == 1:
+            fit(spec, _TrialSession(spec, client))
+        else:
+            _fit_with_trainer(spec, storage_path=config["storage_path"])
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def _fit_with_trainer(spec: RunSpec, *, storage_path: str) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train.runner import _worker
+
+    TorchTrainer(
+        _worker,
+        train_loop_config={"spec": spec.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=spec.train.num_workers,
+            use_gpu=spec.train.use_gpu,
+            resources_per_worker={"CPU": spec.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"reuse-{spec.run_id[:8]}",
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
 
 
 def threshold_trial(config: dict[str, Any], *, data: dict[str, Any]) -> dict[str, float]:
@@ -190,7 +240,7 @@ def _search_reuse(cfg: Any, base: RunSpec, common: dict[str, Any]) -> dict[str, 
         }
     )
     spec = RunSpec(**{**base.__dict__, "train": train})
-    trainable = tune.with_resources(reuse_trial, {"CPU": 0.01})
+    trainable = tune.with_resources(reuse_trial, _trial_resources(train))
     tuner = tune.Tuner(
         trainable,
         param_space={"spec": spec.to_dict(), "combo": tune.grid_search(REUSE_COMBINATIONS), **common},
