@@ -71,9 +71,23 @@ def git_state(root: Path) -> dict[str, str]:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (used for the data manifest tag)."""
+    """sha256 of a local file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_of(location: str | Path) -> str:
+    """sha256 of a file's bytes, local (a path) or remote (an fsspec URI such as ``s3://b/manifest.json``);
+    used for the data manifest tag."""
+    if "://" not in str(location):
+        return file_sha256(Path(location))
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(str(location), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -32,8 +32,8 @@ import torch
 
 from pipeline.config import StudyConfig, params_hash
 from pipeline.paths import resolve
-from pipeline.shards import MANIFEST, read_manifest
-from pipeline.tracking import check_tracking, file_sha256, flatten, git_state, tracking_uri
+from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
+from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracking_uri
 from pipeline.train.loop import RunSpec, build_model, fit
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     from pipeline.models.cost import count_macs, count_params
 
     vcfg, tcfg = cfg.variants[variant], cfg.train_for(variant)
-    shards = resolve(cfg.data.shards.output, root)
+    shards = resolve_output(cfg.data.shards.output, root)  # an absolute folder, or a URI unchanged
     manifest = read_manifest(shards)
     uri = tracking_uri(root)
     check_tracking(uri)
@@ -228,7 +228,7 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
         variant=variant,
         model=vcfg.model,
         train=tcfg,
-        shards=str(shards),
+        shards=shards,
         num_classes=len(manifest["classes"]),
         model_kwargs=dict(vcfg.model_kwargs),
         tracking_uri=uri,
@@ -240,7 +240,7 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
 
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, cfg.tracking.experiment, uri, root)
-    manifest_sha = file_sha256(shards / MANIFEST)
+    manifest_sha = sha256_of(Store(shards).url_of(MANIFEST))
     phash = params_hash(tcfg, vcfg, manifest_sha)
     storage = resolve(tcfg.storage_path, root) if "://" not in tcfg.storage_path else None
     name = f"{variant}-{phash}"
