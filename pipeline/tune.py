@@ -95,6 +95,38 @@ def _trial_resources(train: Any) -> dict[str, float]:
     return {"CPU": train.cpus_per_worker, "GPU": 1 if train.use_gpu else 0}
 
 
+def _check_trial_fits(train: Any) -> None:
+    """Fail at once, not hang, when one reuse trial alone needs more than the Ray cluster has.
+
+    Under a cluster (``RAY_ADDRESS``) an autoscaler may still add nodes: there it is a warning.
+    """
+    import os
+
+    import ray
+
+    need = _trial_resources(train)
+    if train.num_workers > 1:  # the trial's own sliver plus the TorchTrainer's workers
+        need = {
+            "CPU": need["CPU"] + train.num_workers * train.cpus_per_worker,
+            "GPU": train.num_workers if train.use_gpu else 0,
+        }
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+    if not short:
+        return
+    detail = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+    msg = (
+        f"one DVT reuse trial needs {detail}: dvt.reuse_workers={train.num_workers} workers of "
+        f"train.cpus_per_worker={train.cpus_per_worker:g} CPU(s) each"
+        + (" plus 0.01 CPU for the Tune trial that drives them" if train.num_workers > 1 else "")
+        + ". Lower dvt.reuse_workers or train.cpus_per_worker in params.yaml, or use a larger cluster."
+    )
+    if os.environ.get("RAY_ADDRESS"):
+        log.warning("%s Waiting for the cluster to grow.", msg)
+    else:
+        raise ValueError(msg)
+
+
 def reuse_trial(config: dict[str, Any]) -> None:
     """A Tune function trainable: fit one reuse combination, report each epoch to Tune.
 
@@ -226,7 +258,10 @@ class TuneResult:
     stage_gmacs: list[float]
 
 
-def _search_reuse(cfg: Any, base: RunSpec, common: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _search_reuse(
+    cfg: Any, base: RunSpec, common: dict[str, Any], combos: list[dict[str, bool]] = REUSE_COMBINATIONS
+) -> dict[str, dict[str, float]]:
+    """Train ``base`` once per reuse combination (one Tune trial each); val top-1 per combination."""
     from ray import tune
 
     train = base.train.model_copy(
@@ -240,12 +275,16 @@ def _search_reuse(cfg: Any, base: RunSpec, common: dict[str, Any]) -> dict[str, 
         }
     )
     spec = RunSpec(**{**base.__dict__, "train": train})
+    _check_trial_fits(train)
     trainable = tune.with_resources(reuse_trial, _trial_resources(train))
     tuner = tune.Tuner(
         trainable,
-        param_space={"spec": spec.to_dict(), "combo": tune.grid_search(REUSE_COMBINATIONS), **common},
+        param_space={"spec": spec.to_dict(), "combo": tune.grid_search(combos), **common},
         tune_config=tune.TuneConfig(
-            metric="val_top1", mode="max", max_concurrent_trials=cfg.dvt.max_concurrent_trials
+            metric="val_top1",
+            mode="max",
+            max_concurrent_trials=cfg.dvt.max_concurrent_trials,
+            reuse_actors=True,  # a new trial skips the process start and imports
         ),
         run_config=tune.RunConfig(name="reuse", storage_path=common["storage_path"]),
     )
@@ -273,8 +312,10 @@ def _search_thresholds(cfg: Any, data: dict[str, Any], storage: str) -> dict[str
             search_alg=search,
             num_samples=cfg.dvt.threshold_trials,
             max_concurrent_trials=cfg.dvt.max_concurrent_trials,
+            reuse_actors=True,  # a trial takes milliseconds; a fresh process per trial took seconds
         ),
-        run_config=tune.RunConfig(name="thresholds", storage_path=storage),
+        # Status tables only: one block per millisecond trial would bury the stage's log.
+        run_config=tune.RunConfig(name="thresholds", storage_path=storage, verbose=1),
     )
     results = tuner.fit()
     _log_threshold_trials(results, data)
@@ -395,7 +436,13 @@ def run_study(cfg: Any, *, record: dict[str, Any], root: Path, tracking_uri: str
     ).info.run_id
     client.log_batch(parent, params=[Param(f"dvt.{k}", str(v)) for k, v in cfg.dvt.model_dump().items()])
     state = load_final_state(tracking_uri, record["run_id"])
-    storage = str(resolve(cfg.train_for(cfg.dvt.variant).storage_path, root) / "tune")
+    base_storage = cfg.train_for(cfg.dvt.variant).storage_path
+    # An object-store URI stays a URI (every node must see the trials' files); a path is the repo's.
+    storage = (
+        f"{base_storage.rstrip('/')}/tune"
+        if "://" in base_storage
+        else str(resolve(base_storage, root) / "tune")
+    )
     started = _init_ray()
     status = "FAILED"
     try:
