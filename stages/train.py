@@ -24,9 +24,13 @@ def main() -> None:
     if args.variant not in cfg.variants:
         sys.exit(f"error: {args.params}: no variant {args.variant!r}; variants are {sorted(cfg.variants)}")
 
-    from pipeline.train.runner import train_variant
+    from pipeline.tracking import check_tracking, tracking_uri
 
     root = repo_root()
+    check_tracking(tracking_uri(root))  # before torch and Ray are imported: fails in seconds
+
+    from pipeline.train.runner import train_variant
+
     train_variant(cfg, args.variant, root=root, results_dir=root / args.results)
 
 

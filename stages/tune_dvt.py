@@ -28,10 +28,12 @@ def main() -> None:
         sys.exit(f"error: {record_path} is missing: run train@{cfg.dvt.variant} first (dvc repro)")
 
     from pipeline.tracking import check_tracking, tracking_uri
-    from pipeline.tune import run_study, write_outputs
 
     uri = tracking_uri(root)
-    check_tracking(uri)
+    check_tracking(uri)  # before the heavy imports: an unreachable server fails in seconds
+
+    from pipeline.tune import run_study, write_outputs
+
     record = json.loads(record_path.read_text())
     result, parent = run_study(cfg, record=record, root=root, tracking_uri=uri)
     out = root / args.results / "dvt"

@@ -41,3 +41,39 @@ def test_git_state_outside_a_checkout(tmp_path: Path) -> None:
 
 def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_train_stage_with_an_unreachable_server_fails_fast_before_any_worker(
+    tiny_shards: Path, tmp_path: Path, root: Path
+) -> None:
+    """The acceptance check of the training stage: an unreachable MLFLOW_TRACKING_URI stops it
+    within 15 s, naming the URI, before Ray (let alone a worker) starts and before any output."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = yaml.safe_load((root / "profiles/mini.yaml").read_text())
+    raw["data"]["shards"]["output"] = str(tiny_shards)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the stage's repo root is tmp_path
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    uri = f"http://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
+    variant = next(iter(raw["variants"]))
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--variant", variant],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - tic
+    assert proc.returncode != 0
+    assert uri in proc.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert "Ray" not in proc.stderr  # no local instance started, no cluster contacted
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
