@@ -135,6 +135,7 @@ def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
     """results/dvt/ exactly as the tune_dvt stage writes it, from a synthetic cascade's softmax outputs."""
     from types import SimpleNamespace
 
+    from pipeline.config import DVTConfig
     from pipeline.dvt.thresholds import best_under_budget, budget_curve, evaluate_thresholds, holdout_split
     from pipeline.tune import TuneResult, combo_name, write_outputs
 
@@ -201,7 +202,9 @@ def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
         kind = "threshold" if name.startswith("eta") else "reuse"
         tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": kind}
         trials[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
-    cfg = SimpleNamespace(dvt=SimpleNamespace(variant=DVT_VARIANT, budget_gmacs=budget))
+    cfg = SimpleNamespace(
+        dvt=DVTConfig(variant=DVT_VARIANT, budget_gmacs=budget, reuse_epochs=1, reuse_steps_per_epoch=20)
+    )
     write_outputs(result, cfg, results / "dvt", parent_run_id=parent.info.run_id)
     return parent.info.run_id, trials
 
@@ -549,6 +552,8 @@ def test_reuse_ablation_has_every_combination(built: Path, study: StudyFiles) ->
     assert [float(r["delta_pts"]) for r in rows] == [0.0, -2.0, -4.0, -6.0]
     assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
     assert [r["run_id"] for r in rows] == [study.trials[r["combination"]] for r in rows]
+    # The caption says how little each trial trained (results/dvt/best.yaml records it).
+    assert "1 epoch(s) of at most 20 optimizer steps on 1 worker(s)" in (built / "dvt_reuse.md").read_text()
     budget_rows = _csv(built / "dvt_budgets.csv")
     assert {r["run_id"] for r in budget_rows if not r["point"].startswith("exit")} == {study.tune_run}
     metrics = json.loads((built / "metrics.json").read_text())["dvt"]
