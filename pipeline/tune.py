@@ -248,6 +248,18 @@ def stage_probabilities(
     return probs, labels, [float(m) for m in model.stage_macs(spec.train.img_size)]
 
 
+def threshold_choice(thresholds: Any, scored: Any, **extra: float) -> dict[str, Any]:
+    """A chosen set of thresholds as ``best.yaml`` records it, scored on the held-out samples
+    (``scored``: a :class:`~pipeline.dvt.thresholds.ThresholdEval` or a budget-curve point)."""
+    return {
+        "thresholds": [float(t) for t in thresholds],
+        **extra,
+        "test_accuracy": scored.accuracy,
+        "avg_gmacs": scored.avg_macs / 1e9,
+        "exit_fractions": scored.exit_fractions.tolist(),
+    }
+
+
 @dataclass(frozen=True)
 class TuneResult:
     reuse: dict[str, dict[str, float]]
@@ -385,19 +397,8 @@ def tune_dvt(
     return TuneResult(
         reuse=reuse,
         best_reuse=best_reuse,
-        msdnet={
-            "thresholds": msdnet.thresholds.tolist(),
-            "test_accuracy": msdnet.accuracy,
-            "avg_gmacs": msdnet.avg_macs / 1e9,
-            "exit_fractions": msdnet.exit_fractions.tolist(),
-        },
-        optuna={
-            "thresholds": eta,
-            "calib_accuracy": best["accuracy"],
-            "test_accuracy": optuna_test.accuracy,
-            "avg_gmacs": optuna_test.avg_macs / 1e9,
-            "exit_fractions": optuna_test.exit_fractions.tolist(),
-        },
+        msdnet=threshold_choice(msdnet.thresholds, msdnet),
+        optuna=threshold_choice(eta, optuna_test, calib_accuracy=best["accuracy"]),
         curve=curve_rows,
         stage_gmacs=[m / 1e9 for m in stage_macs],
     )

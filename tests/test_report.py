@@ -137,7 +137,7 @@ def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
 
     from pipeline.config import DVTConfig
     from pipeline.dvt.thresholds import best_under_budget, budget_curve, evaluate_thresholds, holdout_split
-    from pipeline.tune import TuneResult, combo_name, write_outputs
+    from pipeline.tune import TuneResult, combo_name, threshold_choice, write_outputs
 
     rng = np.random.default_rng(0)
     n, classes = 240, 4
@@ -164,19 +164,8 @@ def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
     result = TuneResult(
         reuse=reuse,
         best_reuse=max(reuse, key=lambda k: reuse[k]["val_top1"]),
-        msdnet={
-            "thresholds": msdnet.thresholds.tolist(),
-            "test_accuracy": msdnet.accuracy,
-            "avg_gmacs": msdnet.avg_macs / 1e9,
-            "exit_fractions": msdnet.exit_fractions.tolist(),
-        },
-        optuna={
-            "thresholds": eta,
-            "calib_accuracy": 50.0,
-            "test_accuracy": optuna.accuracy,
-            "avg_gmacs": optuna.avg_macs / 1e9,
-            "exit_fractions": optuna.exit_fractions.tolist(),
-        },
+        msdnet=threshold_choice(msdnet.thresholds, msdnet),
+        optuna=threshold_choice(eta, optuna, calib_accuracy=50.0),
         curve=[{"source": "msdnet", **p.to_dict()} for p in curve]
         + [
             {
