@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, help="shuffle seed (default: from params)")
     p.add_argument("--workers", type=int, help="processes, 0 = one per core (default: from params)")
     p.add_argument("--on-bad-image", choices=["fail", "skip"], help="(default: from params)")
+    p.add_argument(
+        "--verify", choices=["markers", "decode"], help="check of each RGB JPEG (default: from params)"
+    )
     args = p.parse_args()
     if args.source and args.output:
         shards = ShardConfig()  # standalone: params.yaml is neither needed nor read
@@ -48,6 +51,7 @@ def main() -> None:
         seed=shards.seed if args.seed is None else args.seed,
         workers=shards.workers if args.workers is None else args.workers,
         on_bad_image=args.on_bad_image or shards.on_bad_image,
+        verify=args.verify or shards.verify,
     )
 
 

@@ -14,3 +14,20 @@ def test_gpu_mfu_benchmark_runs_its_loop_on_cpu() -> None:
     rate = train_rate("t2t_vit_7", img_size=32, batch=2, steps=1, warmup=1, device=torch.device("cpu"),
                       channels_last=True)  # fmt: skip
     assert math.isfinite(rate) and rate > 0
+
+
+def test_sharding_benchmark_prints_its_table(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sharding", "--per-class", "3", "--image-size", "32",
+         "--repeats", "1", "--max-samples-per-shard", "4"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
+    assert len(rows) == 4 and "workers started by fork" in proc.stdout
+    assert not list(root.glob("bench-sharding-*"))  # its scratch folder is gone

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from pipeline.demo_data import generate_demo
-from pipeline.imagenet import OFFICIAL_GROUND_TRUTH_HEAD, BadImage, ShardError, prepare_image, scan
+from pipeline.imagenet import (
+    OFFICIAL_GROUND_TRUTH_HEAD,
+    BadImage,
+    ShardError,
+    jpeg_frame,
+    prepare_image,
+    scan,
+)
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +232,64 @@ def test_bad_files_are_refused_with_a_reason(make, reason: str) -> None:
     good = _encode(_picture(), "JPEG", quality=90)
     with pytest.raises(BadImage, match=reason):
         prepare_image(make(good))
+
+
+def _with_thumbnail() -> bytes:
+    """A JPEG whose EXIF block holds a JPEG thumbnail, with its own markers (end-of-image included)."""
+    thumb = _encode(_picture().resize((12, 10)), "JPEG", quality=70)
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    app1 = b"Exif\x00\x00" + exif.tobytes() + thumb  # not a valid IFD pointer, but real bytes to skip
+    body = _encode(_picture(), "JPEG", quality=85)
+    segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    return body[:2] + segment + body[2:]
+
+
+JPEG_KINDS = {
+    "baseline": lambda: _encode(_picture(), "JPEG", quality=85),
+    "progressive": lambda: _encode(_picture(), "JPEG", quality=85, progressive=True),
+    "optimized, 4:2:0": lambda: _encode(_picture(), "JPEG", quality=75, optimize=True, subsampling=2),
+    "restart markers": lambda: _encode(_picture(), "JPEG", quality=85, restart_marker_blocks=1),
+    "EXIF thumbnail": _with_thumbnail,
+}
+
+
+@pytest.mark.parametrize("kind", JPEG_KINDS)
+def test_marker_walk_accepts_every_clean_rgb_jpeg(kind: str) -> None:
+    data = JPEG_KINDS[kind]()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # PIL decodes it: the walk must not refuse it
+    frame = jpeg_frame(data)
+    assert frame is not None and frame.plain_rgb and (frame.height, frame.width) == (40, 48)
+    assert prepare_image(data, "markers") == prepare_image(data, "decode") == (data, None)
+
+
+@pytest.mark.parametrize("mode,components", [("L", 1), ("CMYK", 4)])
+def test_marker_walk_reads_the_component_count(mode: str, components: int) -> None:
+    frame = jpeg_frame(_encode(_picture(mode), "JPEG"))
+    assert frame is not None and frame.components == components and not frame.plain_rgb
+
+
+@pytest.mark.parametrize("kind", JPEG_KINDS)
+@pytest.mark.parametrize("verify", ["markers", "decode"])
+def test_every_truncation_is_refused_by_either_check(kind: str, verify: str) -> None:
+    data = JPEG_KINDS[kind]()
+    for cut in range(1, len(data) - 1, max(1, len(data) // 97)):  # ~100 cuts, header to last byte
+        with pytest.raises(BadImage, match="truncated|undecodable|not an image"):
+            prepare_image(data[:cut], verify)
+
+
+def test_marker_inside_the_image_data_defers_to_a_decode() -> None:
+    data = bytearray(JPEG_KINDS["baseline"]())
+    sos = data.find(b"\xff\xda")
+    middle = sos + 12 + (len(data) - sos) // 2
+    data[middle : middle + 2] = b"\xff\xc0"  # a second frame header in the middle of the scan
+    assert jpeg_frame(bytes(data)) is None
+    # Not refused on the walk's word: libjpeg decides, and both checks agree.
+    outcomes = set()
+    for verify in ("markers", "decode"):
+        try:
+            outcomes.add(prepare_image(bytes(data), verify))
+        except BadImage as err:
+            outcomes.add(str(err))
+    assert len(outcomes) == 1

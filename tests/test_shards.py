@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +282,8 @@ def test_output_through_fsspec_uris(images: Path, tmp_path: Path) -> None:
     assert len(list(read_samples(urls))) == count == 9
 
 
-def test_standalone_cli_needs_no_params(images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_standalone_cli_needs_no_params(images: Path, tmp_path: Path, workers: int) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run(
         [
@@ -293,7 +295,7 @@ def test_standalone_cli_needs_no_params(images: Path, tmp_path: Path) -> None:
             "--output",
             str(out),
             "--workers",
-            "1",
+            str(workers),
             "--params",
             str(tmp_path / "absent.yaml"),
         ],
@@ -305,9 +307,70 @@ def test_standalone_cli_needs_no_params(images: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert read_manifest(out)["splits"]["val"]["count"] == 9
     assert "img/s" in proc.stderr  # the progress bar
+    if workers > 1 and sys.platform == "linux":
+        # The CLI's process is single-threaded when it starts its workers: they are forked (fast),
+        # not started by a fork server (about a second, and every import again).
+        assert "2 worker processes (start method: fork)" in proc.stderr
 
 
 def test_index_bytes_match(images: Path, tmp_path: Path) -> None:
     _write(images, tmp_path / "s")
     for row in pq.read_table(tmp_path / "s" / "index.parquet").to_pylist():
         assert row["bytes"] == (images / row["path"]).stat().st_size
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 20_000])
+@pytest.mark.parametrize("name", ["n01440764/n01440764_10026.jpg", "x" * 40 + "/" + "y" * 90 + ".json"])
+def test_tar_members_are_the_bytes_tarfile_writes(name: str, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for member in ("a.cls", name):
+            info = tarfile.TarInfo(member)
+            payload = b"7" if member == "a.cls" else data
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o444, "", ""
+            tar.addfile(info, io.BytesIO(payload))
+    ours = shards_module.tar_member("a.cls", b"7") + shards_module.tar_member(name, data)
+    assert ours + shards_module.tar_end(len(ours)) == expected.getvalue()
+
+
+@pytest.mark.parametrize("converted_from", [None, "cmyk", "png"])
+def test_sample_json_is_json_dumps_byte_for_byte(converted_from: str | None) -> None:
+    from pipeline.imagenet import Sample
+
+    s = Sample("/x", 'train/n01/caf\u00e9 "quoted"\\.JPEG', "n01", 7, 1, 1)
+    expected = {"converted_from": converted_from, "label": 7, "path": s.rel, "wnid": "n01"}
+    assert shards_module._meta(s, converted_from) == json.dumps(expected, sort_keys=True).encode()
+
+
+def test_index_columns_read_back_as_written() -> None:
+    import pyarrow as pa
+
+    columns = {
+        "split": ["train", "val"],
+        "shard": ["train-000000.tar", "val-000000.tar"],
+        "key": ["n01/a", "n02/caf\u00e9"],
+        "label": [0, 999],
+        "wnid": ["n01", "n02"],
+        "path": ["train/n01/a.JPEG", "val/n02/caf\u00e9.JPEG"],
+        "bytes": [1, 2**40],
+        "converted_from": [None, "cmyk"],
+    }
+    table = pq.read_table(io.BytesIO(shards_module.index_parquet(columns)))
+    assert table.schema.types == [getattr(pa, kind)() for kind in shards_module.INDEX_COLUMNS.values()]
+    assert table.to_pydict() == columns
+
+
+def test_verify_mode_is_part_of_the_plan(images: Path, tmp_path: Path) -> None:
+    first = _write(images, tmp_path / "out", max_samples_per_shard=4)
+    assert first.manifest["verify"] == "markers"
+    again = _write(images, tmp_path / "out", max_samples_per_shard=4)
+    assert again.written == [] and len(again.reused) == len(first.written)
+    decode = _write(images, tmp_path / "out", max_samples_per_shard=4, verify="decode")
+    assert decode.reused == [] and decode.manifest["verify"] == "decode"
+    # Either check keeps every RGB JPEG byte for byte: the shards are the same.
+    assert [s["sha256"] for s in decode.manifest["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in first.manifest["splits"]["train"]["shards"]
+    ]
+    with pytest.raises(ShardError, match="verify must be one of"):
+        _write(images, tmp_path / "out", verify="eyeball")
