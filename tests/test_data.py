@@ -95,6 +95,40 @@ def test_loader_takes_the_shard_folder_as_a_uri(tiny_shards: Path) -> None:
     assert remote == local and len(local) == 16
 
 
+# --- reading shards ------------------------------------------------------------------------------
+
+
+def test_shard_reader_gives_what_webdataset_reads(tiny_shards: Path) -> None:
+    import webdataset as wds
+
+    from pipeline.data import read_samples
+
+    urls, count = shard_urls(tiny_shards, "train")
+    ours = list(read_samples(urls))
+    theirs = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    assert len(ours) == len(theirs) == count
+    for a, b in zip(ours, theirs, strict=True):
+        assert a == {k: b[k] for k in ("__key__", "__url__", "cls", "jpg", "json")}
+
+
+def test_a_truncated_or_damaged_shard_is_named_with_the_fix(tiny_shards: Path, tmp_path: Path) -> None:
+    from pipeline.data import SampleError, read_samples
+
+    urls, _ = shard_urls(tiny_shards, "train")
+    data = Path(urls[0]).read_bytes()
+    # The first member (.cls) is a header and a padded block: 700 cuts its padding, 1124 the next header.
+    for cut, where in [(700, "inside .*cls"), (1124, "at byte 1124 .inside a header")]:
+        broken = tmp_path / f"cut-{cut}.tar"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(SampleError, match=f"shard {broken} is truncated {where}.*re-run the shard stage"):
+            list(read_samples([str(broken)]))
+    damaged = bytearray(data)
+    damaged[130] ^= 0x01  # a digit of the first member's size: the header's checksum fails
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    with pytest.raises(SampleError, match="damaged tar header at byte 0"):
+        list(read_samples([str(tmp_path / "damaged.tar")]))
+
+
 # --- reduced-size JPEG decoding ------------------------------------------------------------------
 
 
