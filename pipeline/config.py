@@ -70,7 +70,7 @@ class ShardConfig(_Section):
         "markers",
         description="How an RGB JPEG kept verbatim is checked: 'markers' walks its marker structure "
         "(truncation, damaged headers; no pixels decoded, about 10x faster); 'decode' also decodes it "
-        "at 1/8 scale. Both caught the same damaged files in benchmarks/sharding.py --damage.",
+        "at 1/8 scale. Both refused the same damaged copies in benchmarks/verify.py.",
     )
     on_bad_image: Literal["fail", "skip"] = Field(
         "fail",

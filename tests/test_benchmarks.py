@@ -31,3 +31,15 @@ def test_sharding_benchmark_prints_its_table(tmp_path) -> None:
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
     assert len(rows) == 4 and "workers started by fork" in proc.stdout
     assert not list(root.glob("bench-sharding-*"))  # its scratch folder is gone
+
+
+def test_verify_benchmark_compares_both_checks() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.verify", "--count", "10"], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1], timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    truncated = [line for line in proc.stdout.splitlines() if "truncated at" in line]
+    assert len(truncated) == 3 and all(line.endswith("| 10 / 10 | 10 / 10 |") for line in truncated)
