@@ -169,7 +169,8 @@ def main() -> None:
           f"{len(files)} JPEGs, {total / 1e6:.1f} MB ({total / len(files) / 1e3:.1f} kB each); "
           f"best of {args.repeats}; verify: {args.verify}; workers started by {started_by}")  # fmt: skip
     base_c, copy_c = cache["ShardWriter, 1 process (baseline)"], cache["copy (shutil.copyfile)"]
-    print("| method | images/s | MB/s | vs ShardWriter | vs copy | to page cache: images/s | vs ShardWriter | vs copy |")
+    columns = "images/s | MB/s | vs ShardWriter | vs copy"
+    print(f"| method | {columns} | to page cache: images/s | vs ShardWriter | vs copy |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in sorted(methods, key=lambda n: -methods[n]):
         seconds, cached = methods[name], cache[name]
