@@ -1,7 +1,7 @@
 """Benchmark: the shard stage against a plain single-process ``webdataset.ShardWriter`` loop and a
 plain file copy of the same bytes, side by side in one run.
 
-    python -m benchmarks.sharding [--images DIR] [--image-size 224] [--per-class 120] [--workers 2]
+    python -m benchmarks.sharding [--images DIR] [--image-size 224] [--per-class 600] [--workers 2]
 
 Without ``--images`` it generates a demo set in ImageNet's layout (``pipeline.demo_data``) in a
 temporary folder, at ``--image-size`` so the JPEGs are closer to ImageNet's size than the demo's.
@@ -117,7 +117,7 @@ def main() -> None:
     )
     p.add_argument("--images", type=Path, help="an ImageNet-layout folder (default: generate one)")
     p.add_argument("--image-size", type=int, default=224, help="side of generated images")
-    p.add_argument("--per-class", type=int, default=120, help="generated training images per class")
+    p.add_argument("--per-class", type=int, default=600, help="generated training images per class")
     p.add_argument("--workers", type=int, default=2, help="processes of the shard stage")
     p.add_argument("--max-samples-per-shard", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="rounds of every method; best of each")
