@@ -53,6 +53,7 @@ def open_shard(url: str) -> BinaryIO:
 
 _BLOCK = 512
 _END = bytes(_BLOCK)
+_FIX = "re-run the shard stage (dvc repro -f -s shard), which rewrites shards whose sha256 does not match"
 
 
 def _octal(field: bytes) -> int:
@@ -94,9 +95,6 @@ def tar_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
         offset += _BLOCK + size + padding
         if header[156:157] in (b"0", b"\x00"):
             yield name.decode(), data
-
-
-_FIX = "re-run the shard stage (dvc repro -f -s shard), which rewrites shards whose sha256 does not match"
 
 
 def read_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
