@@ -5,14 +5,26 @@ authors' README: every linear layer, both attention products (QK^T and AV) and t
 products count; LayerNorm, softmax, GELU, unfold and additions do not. ``count_macs`` measures it
 by tracing one real forward pass with :class:`torch.utils.flop_counter.FlopCounterMode`, whose
 FLOPs are exactly 2 x MACs for matrix products (mm, bmm, addmm, einsum, fused attention). Over the
-authors' models this reproduces SPEC.md's all-matmul column (T2T-ViT-14: 4.783 G), not fvcore's
-(4.800 G, which also counts some elementwise work) nor the paper's first-version figures (5.2 G).
+authors' models this reproduces the all-matmul column of docs/models.md (T2T-ViT-14: 4.783 G), not
+fvcore's (4.800 G, which also counts some elementwise work) nor the paper's first-version figures
+(5.2 G).
+
+Why the count does not depend on the torch build: the models call
+``F.scaled_dot_product_attention``, which dispatches to a fused kernel chosen per build and device
+(flash or memory-efficient on CUDA, a flash kernel on CPU since torch 2.3). FlopCounterMode knows a
+FLOP formula only for some of those kernels, and which ones differs between releases: on torch
+2.14.1's CPU build the fused CPU kernel has none, so both attention products went uncounted
+(T2T-ViT-14: 4.366 G). ``count_macs`` therefore runs the forward pass with only the MATH backend
+enabled (:func:`torch.nn.attention.sdpa_kernel`). That backend is a composite of ``matmul`` and
+``softmax``, so the counter sees two ``bmm`` calls, whose formula every build registers; the result
+is the same on every device and build, and equals the count on the ``meta`` device.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_macs", "count_params"]
@@ -39,7 +51,9 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     """All-matmul MACs of one forward pass on a single ``in_chans x img_size x img_size`` image.
 
     The model runs in eval mode under ``torch.no_grad`` (its training flag is restored afterwards)
-    on the device and dtype of its parameters; on the ``meta`` device nothing is computed.
+    on the device and dtype of its parameters, with attention forced onto its MATH backend so the
+    count is the same on every torch build (see the module docstring); on the ``meta`` device
+    nothing is computed.
 
     Args:
         model: An image classifier taking (B, C, H, W).
@@ -56,7 +70,11 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with (
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             model(image)
     finally:
         model.train(was_training)
