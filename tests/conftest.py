@@ -1,4 +1,7 @@
-"""Shared fixtures: the repository root and a miniature data set sharded once per session."""
+"""Shared fixtures: the repository root and a miniature data set sharded once per session.
+
+Helpers that are not fixtures live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 # Keep every library single-threaded-friendly on the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,18 +38,3 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_shards(base / "images", base / "shards", max_samples_per_shard=10, seed=0, show_progress=False)
     return base / "shards"
-
-
-def copy_worktree(root: Path, dest: Path) -> None:
-    """Copy the tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
-    import shutil
-    import subprocess
-
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        src = root / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_worktree
+from helpers import copy_worktree, free_ports
 
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -89,8 +78,8 @@ def cluster() -> Iterator[Cluster]:
     home, shared = base / "home", base / "shared"
     home.mkdir()
     shared.mkdir()
-    gcs, dash, client_port, agent = _free_ports(4)
-    mlflow_port = _free_ports(1)[0]
+    gcs, dash, client_port, agent = free_ports(4)
+    mlflow_port = free_ports(1)[0]
     env = {
         **os.environ,
         "HOME": str(home),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_worktree
+from helpers import copy_worktree, parse_page
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,6 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     assert (repo / "reports" / "accuracy_vs_macs.png").stat().st_size > 1000
 
     # The HTML report: one self-contained page, one comparison row per variant, each linking to its run.
-    from test_report import parse_page
-
     page = parse_page(repo / "reports" / "index.html")
     rows = [a for t, a in page.rows if t == "comparison" and "data-variant" in a]
     assert [a["data-variant"] for a in rows] == variants

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import yaml
+from helpers import (
+    DVT_VARIANT,
+    EPOCHS,
+    EXPERIMENT,
+    STAGE_GMACS,
+    UI,
+    VARIANTS,
+    StudyFiles,
+    make_study,
+    parse_page,
+)
 
 from pipeline.models.dvt import DVT_PAPER
 from pipeline.models.paper import PAPER
@@ -30,202 +35,6 @@ from pipeline.report import ReportError, build_report, collect
 from pipeline.report.dvt import BUDGET_FRACTIONS
 from pipeline.report.paper import CNN_TO_VIT_ROWS, DEMO_SCALE
 from pipeline.report.plots import FIGURES
-
-EXPERIMENT = "t2t-vit-study"
-UI = "http://mlflow.example:5000"
-
-#: The study's variants: (name, model, model_kwargs, img_size, params_m, macs_g, final top-1).
-VARIANTS = [
-    ("t2t_vit_7", "t2t_vit_7", {}, 64, 4.258, 0.0985, 61.0),
-    (
-        "vit_7",
-        "vit_s16_paper",
-        {"depth": 7, "embed_dim": 256, "num_heads": 4, "mlp_ratio": 2.0},
-        64,
-        3.9,
-        0.062,
-        52.0,
-    ),
-    ("t2t_vit_14", "t2t_vit_14", {}, 224, 21.5, 4.78, 70.0),
-    ("dvt_t2t_vit_7", "dvt_t2t_vit_12", {"depth": 7}, 64, 13.4, 0.18, 64.0),
-]
-DVT_VARIANT = "dvt_t2t_vit_7"
-STAGE_GMACS = [0.030, 0.057, 0.093]
-EPOCHS = 4
-
-
-@dataclass
-class StudyFiles:
-    """A study on disk: the SQLite store, the results folder, and the ids of what is in it."""
-
-    base: Path
-    runs: dict[str, str]
-    stale_run: str
-    tune_run: str
-    trials: dict[str, str]
-
-    @property
-    def uri(self) -> str:
-        return f"sqlite:///{self.base / 'mlflow.db'}"
-
-    @property
-    def results(self) -> Path:
-        return self.base / "results"
-
-    def copy(self, dest: Path) -> StudyFiles:
-        shutil.copytree(self.base, dest)
-        return StudyFiles(dest, dict(self.runs), self.stale_run, self.tune_run, dict(self.trials))
-
-
-def _log_training(
-    client: Any,
-    exp: str,
-    variant: str,
-    model: str,
-    kwargs: dict,
-    img: int,
-    params_m: float,
-    macs_g: float,
-    top1: float,
-    phash: str,
-    exits: int = 1,
-) -> str:
-    """A finished training run as the train stage logs it: params, tags, cost, one row per epoch."""
-    from mlflow.entities import Metric, Param
-
-    from pipeline.tracking import flatten
-
-    tags = {
-        "variant": variant,
-        "model": model,
-        "params_hash": phash,
-        "git_commit": "0123456789abcdef" * 2,
-        "dvc_stage": f"train@{variant}",
-    }
-    run_id = client.create_run(exp, run_name=variant, tags=tags).info.run_id
-    params = flatten(
-        {
-            "variant": variant,
-            "model": model,
-            "model_kwargs": kwargs,
-            "train": {"img_size": img, "epochs": EPOCHS},
-        }
-    )
-    now = int(time.time() * 1000)
-    metrics = [Metric("params_m", params_m, now, 0), Metric("macs_g", macs_g, now, 0)]
-    for epoch in range(EPOCHS):
-        acc = top1 * (epoch + 1) / EPOCHS
-        values = {
-            "train_loss": 1.5 - 0.2 * epoch,
-            "lr": 1e-3,
-            "images_per_s": 100.0 + epoch,
-            "val_top1": acc,
-            "val_top5": min(100.0, acc + 30),
-            "val_loss": 1.4 - 0.2 * epoch,
-        }
-        if exits > 1:
-            values.update({f"val_top1_exit{k}": acc - 4 * (exits - k) for k in range(1, exits + 1)})
-        metrics += [Metric(k, v, now + epoch, epoch) for k, v in values.items()]
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=metrics)
-    client.set_terminated(run_id)
-    return run_id
-
-
-def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> str:
-    """results/dvt/ exactly as the tune_dvt stage writes it, from a synthetic cascade's softmax outputs."""
-    from types import SimpleNamespace
-
-    from pipeline.config import DVTConfig
-    from pipeline.dvt.thresholds import best_under_budget, budget_curve, evaluate_thresholds, holdout_split
-    from pipeline.tune import TuneResult, combo_name, threshold_choice, write_outputs
-
-    rng = np.random.default_rng(0)
-    n, classes = 240, 4
-    labels = rng.integers(0, classes, n)
-    logits = rng.normal(size=(3, n, classes)) + np.arange(1, 4)[:, None, None] * np.eye(classes)[labels]
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    stage_macs = [g * 1e9 for g in STAGE_GMACS]
-    calib, test = holdout_split(n, 0.5, 0)
-    budget = 0.06
-    chosen = best_under_budget(
-        budget_curve(probs[:, calib], probs[:, calib], labels[calib], stage_macs), budget * 1e9
-    )
-    curve = budget_curve(probs[:, calib], probs[:, test], labels[test], stage_macs)
-    msdnet = next(p for p in curve if p.q == chosen.q)
-    eta = [0.7, 0.6, -math.inf]
-    optuna = evaluate_thresholds(probs[:, test], labels[test], stage_macs, eta)
-    reuse = {}
-    for i, (feature, relation) in enumerate([(True, True), (True, False), (False, True), (False, False)]):
-        top1 = 40.0 - 2 * i
-        reuse[combo_name({"feature_reuse": feature, "relation_reuse": relation})] = {
-            "val_top1": top1,
-            **{f"val_top1_exit{k}": top1 - 3 + k for k in (1, 2, 3)},
-        }
-    result = TuneResult(
-        reuse=reuse,
-        best_reuse=max(reuse, key=lambda k: reuse[k]["val_top1"]),
-        msdnet=threshold_choice(msdnet.thresholds, msdnet),
-        optuna=threshold_choice(eta, optuna, calib_accuracy=50.0),
-        curve=[{"source": "msdnet", **p.to_dict()} for p in curve]
-        + [
-            {
-                "source": "optuna",
-                "q": None,
-                "thresholds": eta,
-                "accuracy": optuna.accuracy,
-                "avg_macs": optuna.avg_macs,
-                "exit_fractions": optuna.exit_fractions.tolist(),
-            }
-        ],
-        stage_gmacs=STAGE_GMACS,
-    )
-    parent = client.create_run(
-        exp,
-        run_name=f"tune_dvt-{DVT_VARIANT}",
-        tags={"dvc_stage": "tune_dvt", "variant": DVT_VARIANT, "trained_run_id": trained_run},
-    )
-    client.set_terminated(parent.info.run_id)
-    # The trials as tune_dvt logs them: child runs named by combination (and threshold trials beside).
-    trials = {}
-    for name in [*reuse, "eta=(0.700,0.600)"]:
-        kind = "threshold" if name.startswith("eta") else "reuse"
-        tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": kind}
-        trials[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
-    cfg = SimpleNamespace(
-        dvt=DVTConfig(variant=DVT_VARIANT, budget_gmacs=budget, reuse_epochs=1, reuse_steps_per_epoch=20)
-    )
-    write_outputs(result, cfg, results / "dvt", parent_run_id=parent.info.run_id)
-    return parent.info.run_id, trials
-
-
-def make_study(base: Path) -> StudyFiles:
-    """The current study plus noise: an older run of t2t_vit_7 (other params hash) and another experiment."""
-    from mlflow.tracking import MlflowClient
-
-    base.mkdir(parents=True)
-    client = MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
-    exp = client.create_experiment(EXPERIMENT, artifact_location=(base / "mlartifacts").as_uri())
-    other = client.create_experiment("someone-else", artifact_location=(base / "mlartifacts").as_uri())
-    stale = _log_training(client, exp, "t2t_vit_7", "t2t_vit_7", {}, 64, 4.258, 0.0985, 12.5, phash="old0")
-    _log_training(client, other, "vit_7", "vit_s16_paper", {}, 64, 3.9, 0.062, 13.5, phash="x")
-    runs = {}
-    for name, model, kwargs, img, params_m, macs_g, top1 in VARIANTS:
-        exits = 3 if name == DVT_VARIANT else 1
-        runs[name] = _log_training(
-            client, exp, name, model, kwargs, img, params_m, macs_g, top1, "new1", exits
-        )
-        record = {
-            "variant": name,
-            "model": model,
-            "run_id": runs[name],
-            "experiment": EXPERIMENT,
-            "val_top1": -1.0,
-            "params_m": -1.0,
-        }  # not what the report shows: it reads MLflow
-        (base / "results").mkdir(exist_ok=True)
-        (base / "results" / f"{name}.json").write_text(json.dumps(record))
-    tune, trials = _write_dvt(base / "results", client, exp, runs[DVT_VARIANT])
-    return StudyFiles(base, runs, stale, tune, trials)
 
 
 @pytest.fixture(scope="module")
@@ -248,40 +57,6 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 def _by_variant(path: Path) -> dict[str, dict[str, str]]:
     return {r["variant"]: r for r in _csv(path) if r["variant"]}
-
-
-class _Page(HTMLParser):
-    """Tables, rows (with their data-* attributes), links and images of an HTML page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[str] = []
-        self.rows: list[tuple[str, dict[str, str]]] = []
-        self.links: list[str] = []
-        self.images: list[str] = []
-        self.tags: set[str] = set()
-        self._row: dict[str, str] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        self.tags.add(tag)
-        if tag == "table":
-            self.tables.append(a.get("data-table", ""))
-        elif tag == "tr":
-            self.rows.append((self.tables[-1], a))
-        elif tag == "a":
-            self.links.append(a.get("href", ""))
-            if self.rows:
-                self.rows[-1][1].setdefault("_links", "")
-                self.rows[-1][1]["_links"] += a.get("href", "") + " "
-        elif tag == "img":
-            self.images.append(a.get("src", ""))
-
-
-def parse_page(path: Path) -> _Page:
-    page = _Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    return page
 
 
 # -- what is written --------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import UI, VARIANTS, make_study, parse_page
 from PIL import Image
-from test_report import UI, VARIANTS, make_study, parse_page
 
 from pipeline.report import FIGURES, build_report
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,28 +23,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, copy_worktree, free_port
 
 pytest.importorskip("s3fs", reason="the s3 test needs the test extra: pip install -e '.[test]'")
 pytest.importorskip("moto.server", reason="the s3 test needs moto[server] (the test extra)")
 
 from pipeline.shards import INDEX, MANIFEST, read_manifest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "t2t-study-test"
 URI = f"s3://{BUCKET}/shards"
 SHARD_ARGS = ["--max-samples-per-shard", "10", "--seed", "0"]  # what tests/conftest.py's tiny_shards uses
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server in its own process; its URL once it answers."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
@@ -183,8 +176,6 @@ def test_loader_reads_equal_batches_per_rank_from_s3(s3_shards: str, tiny_shards
 def test_dvc_tracks_the_s3_manifest(s3, tiny_shards: Path, tmp_path: Path) -> None:
     """The repository's own dvc.yaml with ``data.shards.output`` in the bucket (needs dvc-s3): the shard
     stage's out ``${data.shards.output}/manifest.json`` is recorded, checked and left alone on resume."""
-    from conftest import copy_worktree
-
     repo = tmp_path / "repo"
     copy_worktree(ROOT, repo)
     (repo / "dvc.lock").unlink(missing_ok=True)

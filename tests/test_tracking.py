@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from pipeline.tracking import TrackingUnavailable, check_tracking, flatten, git_state, tracking_uri
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_fast_naming_the_uri() -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
         check_tracking(uri, timeout=2)
 
@@ -59,7 +53,7 @@ def test_train_stage_with_an_unreachable_server_fails_fast_before_any_worker(
     raw["data"]["shards"]["output"] = str(tiny_shards)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the stage's repo root is tmp_path
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
     variant = next(iter(raw["variants"]))
     tic = time.monotonic()
