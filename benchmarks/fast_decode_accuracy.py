@@ -176,7 +176,7 @@ def train_once(base: Any, seed: int, fast: bool) -> Result:
     from pipeline.train.loop import LocalSession, RunSpec, fit
 
     train = base.train.model_copy(
-        update={"seed": seed, "augment": base.train.augment.model_copy(update={"fast_decode": fast})}
+        update={"seeds": [seed], "augment": base.train.augment.model_copy(update={"fast_decode": fast})}
     )
     spec = RunSpec(**{**base.__dict__, "train": train, "variant": f"{base.variant}-fast{int(fast)}-s{seed}"})
     counters: list[CountedDecode] = []

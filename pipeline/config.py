@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,7 +33,9 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     """Base for every section: unknown keys are errors, values are immutable once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: ``epochs: true``, ``epochs: "3"`` and ``use_gpu: "yes"`` are errors, not coerced (an int
+    # is still a valid float). load_config reads ``1e-3`` as a float, as YAML 1.2 and DVC do.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DemoConfig(_Section):
@@ -100,13 +103,18 @@ class DataConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Training augmentation, passed to timm. SPEC's ImageNet recipe is the ``imagenet`` profile."""
+    """Training augmentation, passed to timm. The authors' ImageNet recipe is the ``imagenet`` profile."""
 
     scale_min: float = Field(0.08, gt=0, le=1, description="Lower bound of random-resized-crop scale.")
     hflip: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
     color_jitter: float = Field(0.4, ge=0, description="Colour jitter strength (unused with auto_augment).")
     auto_augment: str | None = Field(None, description="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1.")
     re_prob: float = Field(0.0, ge=0, le=1, description="Random erasing probability.")
+    re_mode: Literal["const", "rand", "pixel"] = Field(
+        "const",
+        description="Random erasing fill (timm's re_mode): 'const' zeros, 'rand' one random colour per "
+        "box, 'pixel' random noise per pixel (the authors' --remode pixel).",
+    )
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta alpha (0 disables).")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta alpha (0 disables).")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="Chance of CutMix instead of mixup.")
@@ -114,7 +122,14 @@ class AugmentConfig(_Section):
     crop_pct: float = Field(
         0.9, gt=0, le=1, description="Evaluation: resize to img_size/crop_pct, centre crop."
     )
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    interpolation: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="Evaluation resize, and the training crop's unless train_interpolation is set."
+    )
+    train_interpolation: Literal["bicubic", "bilinear", "random"] | None = Field(
+        None,
+        description="Training random-resized-crop interpolation ('random': bilinear or bicubic per image, "
+        "the authors' --train-interpolation random); None: the same as interpolation.",
+    )
     fast_decode: bool = Field(
         False,
         description="Decode JPEGs at a reduced DCT scale (PIL draft) when the crop or resize still "
@@ -127,11 +142,16 @@ class TrainConfig(_Section):
 
     img_size: int = Field(224, ge=16, description="Input side in pixels.")
     epochs: int = Field(310, gt=0, description="Epochs, cool-down included.")
-    warmup_epochs: float = Field(5, ge=0, description="Linear warm-up from warmup_lr.")
+    warmup_epochs: float = Field(5, ge=0, description="Linear warm-up from warmup_lr (< epochs - cooldown).")
     cooldown_epochs: int = Field(0, ge=0, description="Final epochs at min_lr (part of epochs).")
     batch_size: int = Field(512, gt=0, description="Global batch over all workers.")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (not scaled with batch size).")
-    min_lr: float = Field(1e-5, ge=0)
+    min_lr: float = Field(1e-5, ge=0, description="End of the cosine and the cool-down's rate (<= lr).")
+    lr_schedule_unit: Literal["epoch", "step"] = Field(
+        "step",
+        description="'epoch': the rate changes once per epoch, as the authors' timm 0.3.4 scheduler did; "
+        "'step': after every optimizer step (a smoother curve, the same end points; docs/models.md).",
+    )
     warmup_lr: float = Field(1e-6, ge=0)
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay; none on norms, biases, tokens.")
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="Stochastic depth.")
@@ -144,8 +164,9 @@ class TrainConfig(_Section):
         None,
         gt=0,
         lt=1,
-        description="EMA of the weights (None: off); "
-        "when on, the EMA weights are the ones evaluated, as the authors do.",
+        description="EMA of the weights (None: off). When on, both the raw and the EMA weights are "
+        "evaluated every epoch (val_* and ema_val_* metrics); the EMA's is the reported figure and the "
+        "one 'best' tracks, as the authors' timm script does.",
     )
     amp: Literal["bf16", "off"] = Field("bf16", description="bf16 autocast on GPU (CPU always runs fp32).")
     compile: bool = Field(False, description="torch.compile the model.")
@@ -160,7 +181,10 @@ class TrainConfig(_Section):
         2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     storage_path: str = Field(
-        "runs/ray", description="Ray checkpoints: a folder every node sees, or an s3:// URI."
+        "runs/ray",
+        min_length=1,
+        pattern=r"\S",
+        description="Ray checkpoints: a folder every node sees, or an s3:// URI.",
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU and gloo.")
@@ -168,12 +192,47 @@ class TrainConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker.")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads per CPU worker.")
-    seed: int = Field(0, ge=0)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Train each variant once per seed (one MLflow run each); the report shows mean, std "
+        "and n over them. The seed fixes initial weights, data order and augmentation.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_seed(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "seed" in data:
+            raise ValueError(f"seed: replaced by seeds, a list: write seeds: [{data['seed']}]")
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds {value} repeat a seed: each seed would train the same run twice")
+        return value
+
+    @property
+    def seed(self) -> int:
+        """The seed of a single run: the runner trains each seed with a copy holding only it."""
+        return self.seeds[0]
+
+    def for_seed(self, seed: int) -> TrainConfig:
+        """This recipe for one run of ``seed`` (``seeds`` becomes ``[seed]``)."""
+        return self.model_copy(update={"seeds": [seed]})
 
     @model_validator(mode="after")
     def _fits(self) -> TrainConfig:
         if self.cooldown_epochs >= self.epochs:
             raise ValueError(f"cooldown_epochs ({self.cooldown_epochs}) must be < epochs ({self.epochs})")
+        if self.warmup_epochs >= self.epochs - self.cooldown_epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be < epochs - cooldown_epochs "
+                f"({self.epochs - self.cooldown_epochs}): the warm-up would never reach lr"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the cosine would rise")
         if self.batch_size % self.num_workers:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must divide evenly over num_workers ({self.num_workers})"
@@ -206,6 +265,8 @@ class VariantConfig(_Section):
     @classmethod
     def _known_train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(value) - set(TrainConfig.model_fields))
+        if "seed" in unknown:
+            raise ValueError(f"seed: replaced by seeds, a list: write seeds: [{value['seed']}]")
         if unknown:
             raise ValueError(
                 f"unknown train override(s) {unknown}; valid keys: {sorted(TrainConfig.model_fields)}"
@@ -222,7 +283,27 @@ class TrackingConfig(_Section):
 class ReportConfig(_Section):
     """The final comparison stage."""
 
-    output: str = Field("reports", description="Folder for tables and plots.")
+    output: str = Field(
+        "reports",
+        description="Folder for tables and plots, inside the repository (the stage replaces files in it).",
+    )
+    epoch: Literal["last", "best"] = Field(
+        "last",
+        description="Which figure of each training the tables show: the last epoch's (the primary "
+        "figure), or the best validation epoch's, which is chosen on the very data it is reported on "
+        "(docs/report.md).",
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: str) -> str:
+        path = Path(value.strip())
+        if not value.strip() or path == Path(".") or path == Path(path.anchor) or ".." in path.parts:
+            raise ValueError(
+                f"{value!r} is not a folder of its own: the report writes (and replaces) files there; "
+                "use a new folder inside the repository, such as reports"
+            )
+        return value
 
 
 class DVTConfig(_Section):
@@ -282,6 +363,20 @@ class StudyConfig(_Section):
                 ) from None
         return self
 
+    @model_validator(mode="after")
+    def _img_size_fits_the_models(self) -> StudyConfig:
+        for name, variant in self.variants.items():
+            patch = token_patch(variant.model, variant.model_kwargs)
+            size = self.train_for(name).img_size
+            if patch and size % patch:
+                fits = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
+                raise ValueError(
+                    f"variants.{name}: train.img_size {size} is not a multiple of {patch}, the patch "
+                    f"{variant.model} cuts the image into (its tokens must tile the image): use "
+                    + " or ".join(map(str, fits))
+                )
+        return self
+
     def train_for(self, variant: str) -> TrainConfig:
         """The train section with ``variants.<variant>.train`` overrides applied."""
         overrides = self.variants[variant].train
@@ -289,6 +384,24 @@ class StudyConfig(_Section):
             return self.train
         merged = _deep_merge(self.train.model_dump(), overrides)
         return TrainConfig.model_validate(merged)
+
+
+def token_patch(model: str, model_kwargs: Mapping[str, Any]) -> int | None:
+    """The side in pixels of the image patch one token covers, by model family (None: unknown).
+
+    A rule of the family instead of a built model keeps validation fast: ``patch_size`` from the
+    kwargs or the name (``vit_tiny_patch16_224``), else 16 for T2T-ViT (soft-split strides 4, 2, 2),
+    the paper's ViTs and DVT on T2T-ViT (its 14x14 stage), 32 for DVT on DeiT (its 7x7 stage).
+    """
+    if isinstance(model_kwargs.get("patch_size"), int):
+        return int(model_kwargs["patch_size"])
+    if match := re.search(r"patch(\d+)", model):
+        return int(match.group(1))
+    if model.startswith("dvt_deit"):
+        return 32
+    if model.startswith(("t2t_vit", "dvt_t2t")) or model.endswith("_paper"):
+        return 16
+    return None
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,6 +438,17 @@ def parse_config(raw: Mapping[str, Any], source: str = "params.yaml") -> StudyCo
         raise ConfigError(f"{source}: invalid params: {_format_errors(err)}") from None
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` is a float as in YAML 1.2 (and DVC), not the string '1e-3'."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_config(path: str | Path = "params.yaml") -> StudyConfig:
     """Load and validate ``params.yaml``.
 
@@ -335,12 +459,19 @@ def load_config(path: str | Path = "params.yaml") -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Floats) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return parse_config(raw, str(path))
+    cfg = parse_config(raw, str(path))
+    output = Path(cfg.report.output)
+    if output.is_absolute() and output.resolve() == path.resolve().parent:
+        raise ConfigError(
+            f"{path}: invalid params: report.output: {cfg.report.output!r} is the repository root: "
+            "the report writes (and replaces) files there; use a folder of its own, such as reports"
+        )
+    return cfg
 
 
 def params_hash(*sections: Any) -> str:

@@ -371,7 +371,8 @@ def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
         color_jitter=aug.color_jitter,
         auto_augment=aug.auto_augment,
         re_prob=aug.re_prob,
-        interpolation=aug.interpolation,
+        re_mode=aug.re_mode,
+        interpolation=aug.train_interpolation or aug.interpolation,
     )
     evaluate = create_transform(
         img_size, is_training=False, crop_pct=aug.crop_pct, interpolation=aug.interpolation

@@ -35,7 +35,7 @@ def test_same_seed_and_workers_give_the_same_losses_over_ray(
     tiny = {"model": "vit_tiny_patch16_224",
             "model_kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
     # Three trainings differing only in their name (a, b) or their seed (c).
-    raw["variants"] = {"a": tiny, "b": tiny, "c": {**tiny, "train": {"seed": 1}}}
+    raw["variants"] = {"a": tiny, "b": tiny, "c": {**tiny, "train": {"seeds": [1]}}}
     raw["dvt"]["variant"] = "a"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")

@@ -263,11 +263,15 @@ def test_fit_trains_a_cascade_through_the_shared_loop(tiny_shards: Path) -> None
     from pipeline.train.loop import LocalSession, RunSpec, fit
 
     cfg = TrainConfig(img_size=64, epochs=1, warmup_epochs=0, cooldown_epochs=0, batch_size=8, lr=1e-3,
-                      drop_path_rate=0.1, num_workers=1, augment=AugmentConfig(scale_min=0.5))  # fmt: skip
+                      drop_path_rate=0.1, num_workers=1, augment=AugmentConfig(scale_min=0.5),
+                      ema_decay=0.9)  # fmt: skip
     tiny = {"depth": 2, "embed_dim": 64, "num_heads": 2}
     spec = RunSpec(variant="dvt_tiny", model="dvt_t2t_vit_12", train=cfg, shards=str(tiny_shards),
                    num_classes=4, model_kwargs=tiny)  # fmt: skip
     session = LocalSession()
     metrics = fit(spec, session)
     assert len(session.history) == 1 and 0 <= metrics["val_top1"] <= 100
+    for prefix in ("val_top1_exit", "ema_val_top1_exit"):  # every exit, raw and EMA weights
+        assert all(0 <= metrics[f"{prefix}{k}"] <= 100 for k in (1, 2, 3))
+    assert metrics["ema_val_top1"] == metrics["ema_val_top1_exit3"]
     assert any(key.startswith("stages.2.blocks.0.reuse_mlp") for key in session.state["model"])

@@ -164,6 +164,12 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
     ``val_top1``. The per-worker share of the global batch is split into micro-batches when it
     exceeds ``max_batch_per_worker`` (gradient accumulation, no DDP sync until the last one).
 
+    Every epoch evaluates the raw weights (``val_*``) and, with ``ema_decay``, the EMA weights
+    (``ema_val_*``). The reported weights (the EMA's when on, as the authors' timm script evaluates
+    them) are tracked for their best epoch: ``best_val_top1``, ``best_val_top5`` (same epoch) and
+    ``best_epoch`` in every epoch's metrics, the weights themselves in the state's ``best``. The
+    learning rate follows ``lr_schedule_unit``: set once per epoch, or after every optimizer step.
+
     Returns:
         The last epoch's metrics.
     """
@@ -201,15 +207,20 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         loader_workers=cfg.loader_workers,
     )
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = cfg.lr_schedule_unit == "epoch"  # as the authors' timm 0.3.4: one rate per epoch
+    unit = 1 if per_epoch else steps
     schedule = CosineLRScheduler(
         optimizer,
-        t_initial=(cfg.epochs - cfg.cooldown_epochs) * steps,
+        t_initial=(cfg.epochs - cfg.cooldown_epochs) * unit,
         lr_min=cfg.min_lr,
-        warmup_t=round(cfg.warmup_epochs * steps),
+        warmup_t=cfg.warmup_epochs if per_epoch else round(cfg.warmup_epochs * steps),
         warmup_lr_init=cfg.warmup_lr,
-        t_in_epochs=False,
+        t_in_epochs=per_epoch,
     )  # after t_initial the rate stays at lr_min: the cool-down epochs
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    # The reported weights (the EMA's when on, as the authors evaluate them) and their best epoch.
+    scored = "ema_val_top1" if ema is not None else "val_top1"
+    best: dict[str, Any] = {"epoch": -1, "val_top1": -1.0, "val_top5": -1.0, "model": None}
 
     epoch, step = 0, 0  # the next optimizer step to run
     if (state := session.checkpoint()) is not None:
@@ -218,6 +229,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         epoch, step = int(state["epoch"]), int(state["step"])
+        best = state.get("best") or best
         if step >= steps:
             epoch, step = epoch + 1, 0
         log.info("%s: resuming at epoch %d step %d", spec.variant, epoch, step)
@@ -242,6 +254,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
             "model": model.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
+            "best": best,
             "epoch": epoch,
             "step": step,
             "metrics": metrics,
@@ -252,6 +265,8 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
     metrics: dict[str, float] = {}
     while epoch < cfg.epochs:
         train_loader.dataset.set_epoch(epoch, skip_batches=step * accum)
+        if per_epoch:
+            schedule.step(epoch)  # also right after a resume, mid-epoch or not
         net.train()
         first, loss_sum, tic = step, 0.0, time.perf_counter()
         micro = iter(train_loader)
@@ -274,7 +289,8 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(model, step=epoch * steps + step + 1)
-            schedule.step_update(epoch * steps + step + 1)
+            if not per_epoch:
+                schedule.step_update(epoch * steps + step + 1)
             done = step + 1
             if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps:
                 partial = {"epoch": epoch, "step": done}
@@ -287,8 +303,24 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
             "train_loss": train_loss / world,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": ran * cfg.batch_size / elapsed,
-            **evaluate(ema.module if ema is not None else model, eval_loader, task, device, autocast),
+            **evaluate(model, eval_loader, task, device, autocast),
         }
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, eval_loader, task, device, autocast)
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        if metrics[scored] > best["val_top1"]:  # the first epoch of the highest top-1 wins a tie
+            weights = (ema.module if ema is not None else model).state_dict()
+            best = {
+                "epoch": epoch,
+                "val_top1": metrics[scored],
+                "val_top5": metrics[scored.replace("top1", "top5")],
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+                if session.rank == 0
+                else None,
+            }
+        metrics.update(
+            best_val_top1=best["val_top1"], best_val_top5=best["val_top5"], best_epoch=best["epoch"]
+        )
         log.info(
             "%s epoch %d/%d %s",
             spec.variant,
