@@ -5,8 +5,10 @@ the same JPEGs, with the same timm transform, side by side in one process, one c
                                 [--repeats 3] [--cold]
 
 Rows: ``ImageFolder`` (the baseline: shuffled, one file per image), the shard loader
-(:func:`pipeline.data.build_train_loader`: sequential shard reads, a shuffle buffer), and the shard
-loader with ``fast_decode`` (:class:`pipeline.data.FastDecode`: the JPEG decoder skips the
+(:func:`pipeline.data.build_train_loader`: sequential shard reads through webdataset's
+``tarfile_to_samples``, its shuffle buffer), the same loader reading the tars with the hand-written
+USTAR reader it used before (``benchmarks.direct_tar``: the baseline of the webdataset path), and
+the shard loader with ``fast_decode`` (:class:`pipeline.data.FastDecode`: the JPEG decoder skips the
 resolution the random-resized crop would throw away). Each pass is one epoch of the training
 split; best of ``--repeats``. One torch thread and no DataLoader workers: images/s per core.
 
@@ -18,6 +20,7 @@ is on most machines: then every epoch reads from the disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -27,7 +30,31 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from pipeline.data import FastDecode, build_train_loader, shard_urls
+import pipeline.data
+from benchmarks import direct_tar
+from pipeline.data import FastDecode, ShardList, build_train_loader, shard_urls
+
+
+class _DirectShardList(ShardList):
+    """The shard list read by the hand-written reader instead of webdataset's ``tarfile_to_samples``."""
+
+    def samples(self):
+        def samples():
+            while True:
+                yield from direct_tar.read_samples(self.urls)
+                if not self.cycle:
+                    return
+
+        return samples
+
+
+@contextlib.contextmanager
+def _direct_reader():
+    pipeline.data.ShardList = _DirectShardList
+    try:
+        yield
+    finally:
+        pipeline.data.ShardList = ShardList
 
 
 def drop_page_cache() -> None:
@@ -106,19 +133,21 @@ def main() -> None:
     plain, n = shards(tf)
     fast, _ = shards(FastDecode(tf))
     rates = {"ImageFolder (baseline)": _rate(folder, n, args.repeats, args.cold)}
-    rates["shards"] = _rate(plain, n, args.repeats, args.cold)
-    rates["shards + fast_decode"] = _rate(fast, n, args.repeats, args.cold)
+    with _direct_reader():
+        rates["shards, hand-written tar reader (before)"] = _rate(plain, n, args.repeats, args.cold)
+    rates["shards, webdataset"] = _rate(plain, n, args.repeats, args.cold)
+    rates["shards, webdataset + fast_decode"] = _rate(fast, n, args.repeats, args.cold)
     size = _describe(args.images / "train")
-    base = rates["ImageFolder (baseline)"]
+    base, before = rates["ImageFolder (baseline)"], rates["shards, hand-written tar reader (before)"]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
         f"{args.workers} loader worker(s); {count} training JPEGs of {size}, {args.img_size} px out, "
         f"batch {args.batch}, page cache {'emptied before each pass' if args.cold else 'warm'}"
     )
-    print("| loader | images/s | vs ImageFolder |")
-    print("|---|---:|---:|")
+    print("| loader | images/s | vs ImageFolder | vs hand-written reader |")
+    print("|---|---:|---:|---:|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x | {rate / before:.2f}x |")
 
 
 if __name__ == "__main__":

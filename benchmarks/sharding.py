@@ -14,7 +14,10 @@ untimed) and writes into a fresh temporary folder on the same disk:
   ``webdataset.ShardWriter`` (key, ``jpg``, ``cls``), no checks;
 - **shard stage**: ``pipeline.shards.write_shards`` with N worker processes, as ``dvc repro``
   runs it: it also checks every JPEG's marker structure (``--verify markers``, the default; or
-  ``decode``), hashes every shard, and writes the index and manifest.
+  ``decode``), hashes every shard, and writes the index and manifest. Its tar members are written
+  by ``webdataset.TarWriter``;
+- **shard stage, hand-written tar writer**: the same with the USTAR writer the stage used before
+  (``benchmarks.direct_tar``, the same bytes): the baseline of the TarWriter path.
 
 Every timed run starts after an ``os.sync()`` and ends with one, so it pays for its own writes
 reaching the disk and no one else's. The methods take turns, ``--repeats`` rounds, best of each.
@@ -94,7 +97,11 @@ def _child(args: argparse.Namespace) -> None:
 
         from pipeline import shards
 
-        workers = int(args.one.removeprefix("stage"))
+        workers = int(args.one.removeprefix("stage").removesuffix("direct"))
+        if args.one.endswith("direct"):  # forked workers inherit the swap
+            from benchmarks.direct_tar import DirectTarWriter
+
+            shards.tar_writer = DirectTarWriter
 
         def fn(d: Path) -> None:
             run = shards.write_shards(
@@ -143,6 +150,7 @@ def main() -> None:
         total = sum(f.stat().st_size for f, _ in files)
         runs = {
             f"shard stage, {args.workers} processes": f"stage{args.workers}",
+            f"shard stage, {args.workers} processes, hand-written tar writer": f"stage{args.workers}direct",
             "shard stage, 1 process": "stage1",
             "copy (shutil.copyfile)": "copy",
             "ShardWriter, 1 process (baseline)": "shardwriter",

@@ -8,7 +8,10 @@ when they run short, and stops every consumer after the same number of full batc
 reads every sample exactly once (ranks may see different counts; results are summed with one
 all-reduce, which every rank calls exactly once).
 
-Shards are read from a local folder or, through fsspec, from any URI the shard stage wrote to.
+Every stream is a ``webdataset.DataPipeline``: the consumer's shard list (:class:`ShardList`),
+webdataset's tar reader (``tarfile_to_samples``), webdataset's shuffle buffer and a slice to the
+quota (training), then the decode. Shards are read from a local folder, ``pipe:``, ``http(s)://``
+(webdataset's openers) or, through fsspec, from any URI the shard stage wrote to (``s3://``...).
 With ``train.augment.fast_decode`` the JPEG decoder skips resolution the transform would throw
 away (:class:`FastDecode`, docs/data.md).
 """
@@ -19,7 +22,7 @@ import io
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,88 +45,87 @@ def shard_urls(folder: str | Path, split: str) -> tuple[list[str], int]:
     return [store.url_of(s["name"]) for s in entry["shards"]], int(entry["count"])
 
 
-def open_shard(url: str) -> BinaryIO:
-    """A shard for reading: a plain file when local, else through fsspec (s3://, gs://, ...)."""
-    if "://" not in url:
-        return open(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-_BLOCK = 512
-_END = bytes(_BLOCK)
 _FIX = "re-run the shard stage (dvc repro -f -s shard), which rewrites shards whose sha256 does not match"
 
 
-def _octal(field: bytes) -> int:
-    return int(field.strip(b"\x00 ") or b"0", 8)
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
+    import fsspec
+
+    return fsspec.open(url, mode).open()
 
 
-def tar_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in a USTAR stream, in order.
+def _register_schemes(urls: Iterable[str]) -> None:
+    """Let webdataset's ``gopen`` open every URL scheme fsspec knows (``s3://``, ``memory://``...).
 
-    What the shard stage writes, read with one header parse and one read per member (Python's
-    ``tarfile``, which WebDataset uses, costs a quarter of a small image's decode). Headers are
-    checksummed; other entry types (folders, links) are skipped.
-
-    Raises:
-        SampleError: a damaged header or a truncated shard, naming the shard and the byte offset.
+    webdataset opens local paths, ``file:``, ``pipe:``, ``http(s)://`` (curl) and ``gs://`` itself;
+    any other scheme is added to its dispatch table (``webdataset.gopen.gopen_schemes``) as an fsspec
+    opener. Runs in the process that reads (a DataLoader worker has its own table).
     """
-    offset = 0
-    while True:
-        header = stream.read(_BLOCK)
-        if not header or header == _END:  # end of archive (a writer may omit the end blocks)
-            return
-        if len(header) < _BLOCK:
-            raise SampleError(
-                f"shard {url} is truncated at byte {offset + len(header)} (inside a header): {_FIX}"
-            )
-        try:
-            stored, size = _octal(header[148:156]), _octal(header[124:136])
-        except ValueError:
-            stored = size = -1
-        if stored != sum(header) - sum(header[148:156]) + 8 * 32:  # the checksum counts its field as spaces
-            raise SampleError(f"shard {url}: damaged tar header at byte {offset}: {_FIX}")
-        name = header[:100].split(b"\x00", 1)[0]
-        if header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
-        data = stream.read(size)
-        padding = -size % _BLOCK
-        if len(data) < size or (padding and len(stream.read(padding)) < padding):
-            raise SampleError(f"shard {url} is truncated inside {name.decode(errors='replace')}: {_FIX}")
-        offset += _BLOCK + size + padding
-        if header[156:157] in (b"0", b"\x00"):
-            yield name.decode(), data
+    from webdataset.gopen import gopen_schemes
+
+    for url in urls:
+        scheme, sep, _ = url.partition("://")
+        if sep and scheme not in gopen_schemes:
+            gopen_schemes[scheme] = _fsspec_gopen
+
+
+class ShardList(IterableDataset):
+    """The first stage of every shard stream: ``{"url": ...}`` for webdataset's ``tarfile_to_samples``.
+
+    It also keeps what the later stages need to name a failure: the shard being read (webdataset
+    opens and expands one shard at a time, in this order) and how many samples each shard gave
+    (:meth:`count`, a stage placed after the tar reader).
+
+    Args:
+        urls: shard locations: paths, ``file:``, ``pipe:``, ``http(s)://`` or any fsspec URI.
+        cycle: start over after the last shard (training); a whole pass without a sample is an error.
+    """
+
+    def __init__(self, urls: Iterable[str], *, cycle: bool = False) -> None:
+        super().__init__()
+        self.urls, self.cycle = list(urls), cycle
+        self.current: str | None = None
+        self.seen: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        _register_schemes(self.urls)
+        while True:
+            before = sum(self.seen.values())
+            for url in self.urls:
+                self.current = url
+                yield {"url": url}
+            if not self.cycle:
+                return
+            if sum(self.seen.values()) == before:  # would otherwise spin forever, hanging every rank
+                raise SampleError(f"shards {self.urls} hold no samples")
+
+    def count(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage: pass samples through, counting them per shard."""
+        for sample in samples:
+            url = sample["__url__"]
+            self.seen[url] = self.seen.get(url, 0) + 1
+            yield sample
+
+    def fail(self, exn: Exception) -> bool:
+        """webdataset handler: any error reading a shard stops the stream, naming the shard and the fix."""
+        if isinstance(exn, SampleError):
+            raise exn
+        reason = exn.args[0] if exn.args else type(exn).__name__
+        if isinstance(exn, FileNotFoundError):
+            raise SampleError(f"shard {self.current} is missing: {_FIX}") from exn
+        raise SampleError(f"shard {self.current} is unreadable ({reason}): {_FIX}") from exn
+
+    def samples(self) -> Any:
+        """The samples of these shards in order, as webdataset dicts (``__key__``, ``__url__``,
+        ``jpg``, ``cls``...): webdataset's tar reader, then :meth:`count`."""
+        import webdataset as wds
+
+        return wds.DataPipeline(self, wds.tarfile_to_samples(handler=self.fail), self.count)
 
 
 def read_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """The samples of ``urls`` in order, as WebDataset dicts (``__key__``, ``__url__``, ``jpg``...):
-    consecutive members sharing the name before the file name's first dot form one sample."""
-    for url in urls:
-        try:
-            stream = open_shard(url)
-        except FileNotFoundError:
-            raise SampleError(
-                f"shard {url} is listed in the manifest but missing: re-run the shard stage "
-                "(dvc repro -f -s shard)"
-            ) from None
-        with stream:
-            sample: dict[str, Any] = {}
-            for name, data in tar_members(stream, url):
-                folder, _, base = name.rpartition("/")
-                stem, dot, suffix = base.partition(".")
-                if not dot:
-                    continue  # no suffix: not part of a sample
-                key = f"{folder}/{stem}" if folder else stem
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[suffix] = data
-            if sample:
-                yield sample
+    """The samples of ``urls`` in order (:class:`ShardList`), read by webdataset."""
+    return iter(ShardList(urls).samples())
 
 
 def decode_sample(sample: dict[str, Any], transform: Callable) -> tuple[torch.Tensor, int]:
@@ -189,16 +191,23 @@ class ShardStream(IterableDataset):
         return self.rank * workers + worker, self.world_size * workers, workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        return iter(self.pipeline())
+
+    def pipeline(self) -> Any:
+        """This consumer's stream as a ``webdataset.DataPipeline``: its shards (:class:`ShardList`),
+        webdataset's tar reader, and, for training, webdataset's shuffle buffer and the quota."""
         import webdataset as wds
+
+        def decode(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+            return decode_sample(sample, self.transform)
 
         consumer, consumers, workers = self._consumer()
         if self.batches_per_rank is None:
-            mine = self.urls[consumer::consumers]
-            if not mine:  # more consumers than shards: this one has nothing to evaluate
-                return
-            for sample in read_samples(mine):
-                yield decode_sample(sample, self.transform)
-            return
+            # Split by consumer, as webdataset's split_by_node then split_by_worker would, but with
+            # the rank given (tests run several ranks in one process). May be empty: more consumers
+            # than shards leaves this one nothing to evaluate.
+            shards = ShardList(self.urls[consumer::consumers])
+            return wds.DataPipeline(shards.samples(), wds.map(decode))
 
         urls = list(self.urls)
         random.Random(self.seed * 100_003 + self.epoch).shuffle(urls)
@@ -209,24 +218,15 @@ class ShardStream(IterableDataset):
         # The DataLoader takes batch i from worker i % workers, so worker w owns batches w, w+W, ...
         owned = steps // workers + (1 if worker < steps % workers else 0)
         skipped = min(owned, self.skip // workers + (1 if worker < self.skip % workers else 0))
-        quota = owned * self.batch_size
         rng = random.Random(f"{self.seed}-{self.epoch}-{consumer}")
-
-        def cycle() -> Iterator[dict[str, Any]]:
-            while True:
-                count = 0
-                for sample in read_samples(mine):
-                    count += 1
-                    yield sample
-                if not count:  # would otherwise spin forever, and hang every other rank with it
-                    raise SampleError(f"shards {mine} hold no samples")
-
-        stream = wds.filters._shuffle(
-            cycle(), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng
+        return wds.DataPipeline(
+            ShardList(mine, cycle=True).samples(),  # cycled: a consumer with few samples starts over
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng),
+            # Exactly the quota, the same on every rank; a resumed epoch skips its first batches
+            # before they are decoded.
+            wds.slice(skipped * self.batch_size, owned * self.batch_size),
+            wds.map(decode),
         )
-        for i, sample in zip(range(quota), stream, strict=False):
-            if i >= skipped * self.batch_size:
-                yield decode_sample(sample, self.transform)
 
 
 def batches_per_epoch(num_samples: int, world_size: int, batch_per_rank: int) -> int:

@@ -231,44 +231,26 @@ def _plan_id(listing: Listing, plans: list[ShardPlan], settings: dict[str, Any])
     return h.hexdigest()
 
 
-def _header_template() -> bytes:
-    info = tarfile.TarInfo("")
-    # Fixed metadata, so the same samples give byte-identical tars on any machine and at any time.
-    info.mtime, info.mode, info.uname, info.gname = 0, 0o444, "", ""
-    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-    header[148:156] = b" " * 8  # a checksum is computed with its own field as spaces
-    return bytes(header)
+class _Digest:
+    """A write-only stream that also hashes and counts what passes through it (the shard's sha256 and
+    size without reading it back)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
 
 
-_HEADER = _header_template()
-_HEADER_SUM, _SIZE_SUM = sum(_HEADER), sum(_HEADER[124:136])
-_ZEROS = bytes(RECORD)
+def tar_writer(stream: Any) -> Any:
+    """``webdataset.TarWriter`` on ``stream`` with fixed metadata (mtime 0, mode 0444, no owner names):
+    the same samples give byte-identical tars on any machine, at any time. Samples are dicts of bytes;
+    members are written in sorted suffix order (``.cls``, ``.jpg``, ``.json``)."""
+    import webdataset as wds
 
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One regular-file member of a USTAR archive: header, data, zero padding to a whole block.
-
-    The same bytes ``tarfile`` writes for this name and size with the fixed metadata above, at a
-    fraction of the cost (no TarInfo, no file object, one checksum over a template).
-    """
-    raw = name.encode()
-    if len(raw) <= 100:
-        header = bytearray(_HEADER)
-        header[: len(raw)] = raw
-        size = b"%011o\x00" % len(data)
-        header[124:136] = size
-        # The checksum sums the header's bytes: the template's, changed by the name and the size.
-        header[148:155] = b"%06o\x00" % (_HEADER_SUM + sum(raw) + sum(size) - _SIZE_SUM)
-    else:  # a long path: tarfile splits it into USTAR's prefix and name fields
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    return b"".join((header, data, _ZEROS[: _padded(len(data)) - len(data)]))
-
-
-def tar_end(size: int) -> bytes:
-    """The end of an archive of ``size`` bytes so far: two zero blocks, then zeros to a whole record."""
-    return _ZEROS[: 2 * BLOCK] + _ZEROS[: _padded(size + 2 * BLOCK, RECORD) - size - 2 * BLOCK]
+    return wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
 
 
 @dataclass(frozen=True)
@@ -286,40 +268,30 @@ def _write_shard(task: _Task) -> dict[str, Any]:
     tmp = task.name + ".tmp"
     converted, bad, count = [], [], 0
     with store.open(tmp, "wb") as raw:
-        digest, size = hashlib.sha256(), 0
-        for s in task.samples:
-            try:
-                with open(s.path, "rb", buffering=0) as fh:
-                    data = fh.read(s.size + 1)  # one read; one byte more shows a file that grew
-                if len(data) != s.size:
-                    listed = f"{s.size} bytes when listed"
-                    raise ShardError(f"{s.path} changed while sharding ({listed}); re-run")
-                data, kind = prepare_image(data, task.verify)
-            except BadImage as err:
-                bad.append({"path": s.rel, "reason": str(err)})
-                continue
-            except FileNotFoundError:
-                raise ShardError(f"{s.path} disappeared while sharding; re-run") from None
-            except OSError as err:
-                bad.append({"path": s.rel, "reason": f"unreadable: {err.strerror or err}"})
-                continue
-            if kind:
-                converted.append([s.key, kind, len(data)])
-            member = b"".join(
-                (
-                    tar_member(f"{s.key}.cls", str(s.label).encode()),
-                    tar_member(f"{s.key}.jpg", data),
-                    tar_member(f"{s.key}.json", _meta(s, kind)),
-                )
-            )
-            digest.update(member)
-            raw.write(member)
-            size += len(member)
-            count += 1
-        end = tar_end(size)
-        digest.update(end)
-        raw.write(end)
-        size += len(end)
+        out = _Digest(raw)
+        with tar_writer(out) as tar:
+            for s in task.samples:
+                try:
+                    with open(s.path, "rb", buffering=0) as fh:
+                        data = fh.read(s.size + 1)  # one read; one byte more shows a file that grew
+                    if len(data) != s.size:
+                        listed = f"{s.size} bytes when listed"
+                        raise ShardError(f"{s.path} changed while sharding ({listed}); re-run")
+                    data, kind = prepare_image(data, task.verify)
+                except BadImage as err:
+                    bad.append({"path": s.rel, "reason": str(err)})
+                    continue
+                except FileNotFoundError:
+                    raise ShardError(f"{s.path} disappeared while sharding; re-run") from None
+                except OSError as err:
+                    bad.append({"path": s.rel, "reason": f"unreadable: {err.strerror or err}"})
+                    continue
+                if kind:
+                    converted.append([s.key, kind, len(data)])
+                meta = _meta(s, kind)
+                tar.write({"__key__": s.key, "cls": str(s.label).encode(), "jpg": data, "json": meta})
+                count += 1
+    digest, size = out.sha256, out.size
     if bad and not task.skip_bad:
         store.remove(tmp)
         return {"name": task.name, "complete": False, "bad": bad}
@@ -379,7 +351,7 @@ def _run(fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> tuple[Iter
     log.info("%d worker processes (start method: %s)", min(workers, len(tasks)), method)
     context = multiprocessing.get_context(method)
     if method == "forkserver":  # imported once by the server, not once per worker
-        context.set_forkserver_preload(["pipeline.shards", "PIL.Image", "fsspec"])
+        context.set_forkserver_preload(["pipeline.shards", "PIL.Image", "fsspec", "webdataset"])
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
     futures = [pool.submit(fn, t) for t in tasks]
 

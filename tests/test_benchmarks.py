@@ -29,7 +29,7 @@ def test_sharding_benchmark_prints_its_table(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
-    assert len(rows) == 4 and "workers started by fork" in proc.stdout
+    assert len(rows) == 5 and "workers started by fork" in proc.stdout
     assert not list(root.glob("bench-sharding-*"))  # its scratch folder is gone
 
 
