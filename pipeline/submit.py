@@ -50,14 +50,16 @@ log = logging.getLogger(__name__)
 
 #: Never uploaded (gitignore syntax, relative to the repository root). Ray also skips what the
 #: .gitignore files name; these hold even if they change. Outputs come back through --output.
+#: Secrets and local state are excluded at any depth (the same list as .gitignore and the
+#: .dockerignore files; tests/test_infra.py builds Ray's upload from a tree holding each).
+SECRET_EXCLUDES = [".env", ".env.*", "*.pem", ".aws/", ".netrc", "mlflow.db", "runs/"]
 EXCLUDES = [
+    *SECRET_EXCLUDES,
     "/.git",
     "/.venv/",
     "/data/",
     "/results/",
     "/reports/",
-    "/runs/",
-    "/mlflow.db",
     "/mlartifacts/",
     "/.dvc/cache/",
     "/.dvc/tmp/",

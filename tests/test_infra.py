@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -137,6 +138,15 @@ _CLUSTER_SPEC = {
             },
         },
         "headServiceAnnotations": _STR_MAP,
+        "authOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "mode": {"enum": ["disabled", "token"]},
+                "secretName": {"type": "string"},
+                "enableK8sTokenAuth": {"type": "boolean"},
+            },
+        },
         "suspend": {"type": "boolean"},
         "gcsFaultToleranceOptions": {"type": "object"},
         "managedBy": {"type": "string"},
@@ -156,7 +166,7 @@ _JOB_SPEC = {
         "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
         "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
         "backoffLimit": {"type": "integer", "minimum": 0},
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
         "submitterPodTemplate": {"type": "object"},
         "submitterConfig": {"type": "object"},
         "entrypointNumCpus": {"type": "number", "minimum": 0},
@@ -225,13 +235,14 @@ def test_kuberay_pod_templates_are_valid_kubernetes(item: tuple[Path, dict[str, 
 def test_kuberay_cluster_has_gpu_workers_shared_storage_and_mlflow(item: tuple[Path, dict[str, Any]]) -> None:
     spec = _cluster_spec(item[1])
     assert spec["rayVersion"] == _dockerfile_ray_version(), "rayVersion must equal the image's Ray"
-    assert spec["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0"
+    assert not dashboard_exposed_without_auth(spec)
     gpu_groups = []
     for name, group in _groups(spec):
         pod = group["template"]["spec"]
         container = pod["containers"][0]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert urlparse(env.get("MLFLOW_TRACKING_URI", "")).scheme in ("http", "https"), name
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env), f"{name}: MLflow login"
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"]
             for v in pod["volumes"]
@@ -292,10 +303,12 @@ def test_mlflow_server_is_the_one_the_ray_pods_use() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs(INFRA / "mlflow" / "mlflow.yaml")}
     deployment = docs[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
     args = " ".join(deployment["args"])
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in args
+    assert "--app-name=basic-auth" in args and "--backend-store-uri" not in args
     env = {e["name"]: e for e in deployment["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://")
-    assert "--artifacts-destination=s3://" in args
+    store = urlparse(env["MLFLOW_BACKEND_STORE_URI"]["value"])
+    assert store.scheme == "postgresql" and store.password is None, "no password in the store URI"
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
     service = docs[("Service", "mlflow")]["spec"]
     for _, doc in _ray_docs():
         spec = _cluster_spec(doc)
@@ -333,8 +346,9 @@ def test_compose_file_matches_the_compose_spec() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     services = yaml.safe_load(path.read_text())["services"]
-    command = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri=postgresql://" in command and "--artifacts-destination=" in command
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert "MLFLOW_ARTIFACTS_DESTINATION" in mlflow["environment"]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.relative_to(INFRA).as_posix())
@@ -364,9 +378,324 @@ def test_study_image_installs_the_project_with_pinned_ray() -> None:
     assert re.search(
         r"^FROM (nvidia/cuda:\d+\.\d+\S*-runtime-ubuntu\S+|pytorch/pytorch:\S+-runtime)$", text, re.M
     )
-    assert re.search(r"pip install [^\n]*\. ", text) and "ray[default,train,tune]==${RAY_VERSION}" in text
+    assert re.search(r"pip install -c requirements/lock.txt [^\n]*\.\[s3\]", text), "installs from the lock"
+    assert "ray[default,train,tune]==${RAY_VERSION}" in text
+    assert (ROOT / "requirements" / "lock.txt").is_file()
     import ray
 
     assert _dockerfile_ray_version().split(".")[:2] == ray.__version__.split(".")[:2], (
         "the image's Ray should match the Ray this repository is tested with"
+    )
+
+
+# --- security (docs/cluster.md, "Security") -------------------------------------------------------
+
+_LOCAL = ("127.0.0.1", "localhost")
+_RAY_POD = {"app.kubernetes.io/part-of": "t2t-vit-study", "app.kubernetes.io/component": "ray"}
+_SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|CREDENTIAL", re.I)
+_URI_WITH_PASSWORD = re.compile(r"://[^/\s:@$]+:[^/\s@$][^/\s@]*@")
+_LITERAL_ASSIGNMENT = re.compile(r"\b[A-Z_]*(?:PASSWORD|TOKEN|SECRET_KEY)=\"?(?![\"$])\S")
+#: Files that must never leave the machine: committed, built into an image, or uploaded to a job.
+SECRET_FILES = [
+    ".env",
+    "infra/mlflow/.env",
+    ".env.local",
+    "key.pem",
+    "sub/dir/id.pem",
+    ".aws/credentials",
+    ".netrc",
+    "mlflow.db",
+    "runs/ray/t-1/checkpoint_000001/state.pt",
+    "sub/runs/x.json",
+]
+
+
+def dashboard_exposed_without_auth(spec: dict[str, Any]) -> bool:
+    """A KubeRay cluster spec whose dashboard listens beyond localhost while token auth is off."""
+    host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "localhost")
+    return host not in _LOCAL and (spec.get("authOptions") or {}).get("mode") != "token"
+
+
+def launcher_dashboard_exposed_without_auth(config: dict[str, Any]) -> bool:
+    """The same for a Ray cluster launcher config (token mode from the container's environment)."""
+    commands = " ".join(config["head_start_ray_commands"])
+    match = re.search(r"--dashboard-host[= ](\S+)", commands)
+    host = match.group(1) if match else "localhost"
+    options = " ".join(config.get("docker", {}).get("run_options", []))
+    token = "RAY_AUTH_MODE=token" in options or "RAY_AUTH_MODE=token" in commands
+    return host not in _LOCAL and not token
+
+
+def _is_reference(value: str) -> bool:
+    """A compose/shell variable reference or a Kubernetes dependent variable, not a literal."""
+    return value.startswith(("${", "$${", "$(")) or value == ""
+
+
+def inlined_secrets(doc: Any, where: str = "") -> list[str]:
+    """Every place a document holds a secret's value itself rather than a reference to it."""
+    found = []
+    if isinstance(doc, dict):
+        if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+            found.append(f"{where}: a Secret with its data")
+        name = doc.get("name")
+        if isinstance(name, str) and "value" in doc and _SECRET_NAME.search(name):
+            found.append(f"{where}: env {name} has a literal value (use valueFrom.secretKeyRef)")
+        for key, value in doc.items():
+            secretish = (
+                isinstance(key, str) and _SECRET_NAME.search(key) and not key.endswith(("Name", "Ref"))
+            )
+            if secretish and isinstance(value, str) and not _is_reference(value):
+                found.append(f"{where}.{key}: a literal value")
+            found += inlined_secrets(value, f"{where}.{key}")
+    elif isinstance(doc, list):
+        for i, item in enumerate(doc):
+            found += inlined_secrets(item, f"{where}[{i}]")
+    elif isinstance(doc, str):
+        if _URI_WITH_PASSWORD.search(doc):
+            found.append(f"{where}: a URI with a password")
+        if _LITERAL_ASSIGNMENT.search(doc):
+            found.append(f"{where}: a literal password or token assignment")
+    return found
+
+
+def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    """Every Kubernetes pod spec under infra/: KubeRay groups, Deployments and StatefulSets."""
+    pods = []
+    for path, doc in _all_docs():
+        if doc.get("kind") in ("Deployment", "StatefulSet"):
+            pods.append((f"{path.name}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+        elif str(doc.get("apiVersion", "")).startswith("ray.io/") and _cluster_spec(doc):
+            pods += [
+                (f"{path.name}:{name}", g["template"]["spec"]) for name, g in _groups(_cluster_spec(doc))
+            ]
+    return pods
+
+
+def test_every_ray_cluster_demands_a_token_and_keeps_its_dashboard_private() -> None:
+    for path, doc in _cluster_docs():
+        spec = _cluster_spec(doc)
+        assert spec["authOptions"] == {"mode": "token", "secretName": "t2t-study-ray-token"}, path
+        assert not dashboard_exposed_without_auth(spec), path
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ports = {p["containerPort"] for p in head["ports"]}
+        assert ports == {6379, 8265}, f"{path}: the head exposes the GCS and the dashboard only ({ports})"
+    launcher = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
+    assert not launcher_dashboard_exposed_without_auth(launcher)
+    assert re.search(r"--dashboard-host=127\.0\.0\.1\b", " ".join(launcher["head_start_ray_commands"]))
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(launcher[key])
+        assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=" in start and "secretsmanager" in start, key
+        assert start.index("RAY_AUTH_TOKEN=") < start.index("ray start"), f"{key}: the token before Ray"
+
+
+@pytest.mark.parametrize("case", ["kuberay", "launcher"])
+def test_the_dashboard_check_catches_an_open_dashboard(case: str) -> None:
+    """The checks above can fail: the real specs, with authentication taken out."""
+    if case == "kuberay":
+        spec = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())["spec"]
+        assert not dashboard_exposed_without_auth(spec)
+        del spec["authOptions"]
+        assert dashboard_exposed_without_auth(spec)
+    else:
+        config = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
+        config["docker"]["run_options"].remove("--env RAY_AUTH_MODE=token")
+        config["head_start_ray_commands"] = [
+            c.replace("RAY_AUTH_MODE=token", "").replace("127.0.0.1", "0.0.0.0")
+            for c in config["head_start_ray_commands"]
+        ]
+        assert launcher_dashboard_exposed_without_auth(config)
+
+
+def test_no_secret_is_inlined_in_any_spec() -> None:
+    found = [
+        hit for path, doc in _all_docs() for hit in inlined_secrets(doc, path.relative_to(INFRA).as_posix())
+    ]
+    assert not found, found
+    for path in INFRA.rglob("*.json"):
+        assert not inlined_secrets(json.loads(path.read_text()), path.name)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": "Secret", "stringData": {"auth_token": "abc"}},
+        {"env": [{"name": "RAY_AUTH_TOKEN", "value": "abc"}]},
+        {"environment": {"PGPASSWORD": "hunter2"}},
+        {"args": ["--backend-store-uri=postgresql://mlflow:hunter2@db:5432/mlflow"]},
+        {"head_start_ray_commands": ["export RAY_AUTH_TOKEN=abc123; ray start --head"]},
+    ],
+)
+def test_the_secret_check_catches_an_inlined_secret(bad: dict[str, Any]) -> None:
+    assert inlined_secrets(bad)
+
+
+def test_secrets_are_never_committed_built_into_an_image_or_uploaded(tmp_path: Path) -> None:
+    """A tree holding each secret: git's index, the Docker build context and Ray's upload of
+    ``pipeline.submit`` (built by Ray's own packaging code) all leave every one out."""
+    from zipfile import ZipFile
+
+    import pathspec
+    from ray._private.runtime_env.packaging import create_package
+
+    from pipeline.submit import EXCLUDES
+
+    tree = tmp_path / "tree"
+    for rel in [*SECRET_FILES, "pipeline/keep.py"]:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("secret\n")
+    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file())
+
+    # Ray's upload, from the excludes alone (the job's .gitignore may differ from this one).
+    create_package(str(tree), tmp_path / "upload.zip", include_gitignore=False, excludes=EXCLUDES)
+    with ZipFile(tmp_path / "upload.zip") as zf:
+        uploaded = set(zf.namelist())
+    assert "pipeline/keep.py" in uploaded
+    assert not uploaded & set(SECRET_FILES), sorted(uploaded & set(SECRET_FILES))
+
+    # git, with the repository's .gitignore.
+    shutil.copy2(ROOT / ".gitignore", tree / ".gitignore")
+    git = ["git", "-C", str(tree), "-c", "core.excludesFile=/dev/null"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    staged = set(
+        subprocess.run([*git, "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert "pipeline/keep.py" in staged
+    assert not staged & set(SECRET_FILES), sorted(staged & set(SECRET_FILES))
+
+    # Both Docker build contexts (gitwildmatch: the same `**/` semantics as .dockerignore here).
+    for ignore in (ROOT / ".dockerignore", INFRA / "Dockerfile.dockerignore"):
+        spec = pathspec.PathSpec.from_lines("gitwildmatch", ignore.read_text().splitlines())
+        context = {f for f in files if not spec.match_file(f)}
+        assert "pipeline/keep.py" in context
+        assert not context & set(SECRET_FILES), (ignore.name, sorted(context & set(SECRET_FILES)))
+
+
+def test_network_policies_admit_only_the_pods_that_need_each_port() -> None:
+    for path, doc in _cluster_docs():
+        for name, group in _groups(_cluster_spec(doc)):
+            labels = group["template"]["metadata"]["labels"]
+            assert _RAY_POD.items() <= labels.items(), f"{path}:{name} carries the labels the policies select"
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in _all_docs() if d.get("kind") == "NetworkPolicy"}
+    assert {"t2t-study-ray-internal", "t2t-study-ray-dashboard", "mlflow", "mlflow-postgres"} <= set(policies)
+    for name, spec in policies.items():
+        assert spec["policyTypes"] == ["Ingress"] and spec["podSelector"]["matchLabels"], name
+        for rule in spec["ingress"]:
+            assert rule.get("from"), f"{name}: a rule without `from` admits every pod"
+            for peer in rule["from"]:
+                assert peer["podSelector"]["matchLabels"], (
+                    f"{name}: peers are named pods, not whole namespaces"
+                )
+                assert "ipBlock" not in peer, name
+
+    def admits(policy: str) -> list[tuple[dict[str, str], set[int] | None]]:
+        return [
+            (
+                peer["podSelector"]["matchLabels"],
+                {p["port"] for p in rule["ports"]} if "ports" in rule else None,
+            )
+            for rule in policies[policy]["ingress"]
+            for peer in rule["from"]
+        ]
+
+    assert admits("t2t-study-ray-internal") == [(_RAY_POD, None)], "Ray pods: from Ray pods only"
+    assert policies["t2t-study-ray-dashboard"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert admits("t2t-study-ray-dashboard") == [({"app.kubernetes.io/name": "kuberay-operator"}, {8265})]
+    assert admits("mlflow") == [(_RAY_POD, {5000})]
+    assert admits("mlflow-postgres") == [({"app.kubernetes.io/name": "mlflow"}, {5432})]
+
+
+@pytest.mark.parametrize("item", _pod_specs(), ids=lambda i: i[0])
+def test_pods_run_without_privilege_escalation_or_capabilities(item: tuple[str, dict[str, Any]]) -> None:
+    _, pod = item
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], container[
+            "name"
+        ]
+
+
+def test_images_are_pinned() -> None:
+    images = [(p.name, c["image"]) for p, doc in _all_docs() for c in _containers(doc)]
+    launcher = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
+    images.append(("ray-cluster.yaml", launcher["docker"]["image"]))
+    compose = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())
+    images += [("docker-compose.yaml", s["image"]) for s in compose["services"].values()]
+    for where, image in images:
+        name, _, tag = image.rpartition("@")[0].rpartition(":") if "@" in image else image.rpartition(":")
+        assert "@sha256:" in image or (tag and tag != "latest" and re.search(r"\d", tag)), (where, image)
+    study = [i for _, i in images if "t2t-vit-study" in i or "t2t-mlflow@" in i]
+    assert study and all("@sha256:" in i for i in study), "the cluster pulls the study's images by digest"
+    for dockerfile in DOCKERFILES:
+        base = re.search(r"^FROM (\S+)", dockerfile.read_text(), re.M).group(1)
+        assert ":" in base and not base.endswith(":latest"), (dockerfile, base)
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc.get("kind") in ("Deployment", "StatefulSet"):
+        return doc["spec"]["template"]["spec"]["containers"]
+    if str(doc.get("apiVersion", "")).startswith("ray.io/") and _cluster_spec(doc):
+        return [c for _, g in _groups(_cluster_spec(doc)) for c in g["template"]["spec"]["containers"]]
+    return []
+
+
+def test_node_roles_reach_only_the_study_bucket_prefix_and_ssh_only_a_user_set_cidr() -> None:
+    template_path = INFRA / "aws" / "study-access.yaml"
+    proc = subprocess.run([_tool("cfn-lint"), str(template_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    template = yaml.safe_load(template_path.read_text())
+    statements = []
+    for resource in template["Resources"].values():
+        props = resource["Properties"]
+        statements += props.get("PolicyDocument", {}).get("Statement", [])
+        for policy in props.get("Policies", []):
+            statements += policy["PolicyDocument"]["Statement"]
+    for path in (INFRA / "kuberay" / "iam-policy.json", INFRA / "mlflow" / "iam-policy.json"):
+        statements += json.loads(path.read_text())["Statement"]
+    assert statements
+    for st in statements:
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        assert "*" not in actions and not any(a.endswith(":*") for a in actions), st
+        s3 = [a for a in actions if a.startswith("s3:")]
+        if not s3:
+            continue
+        resources = json.dumps(st["Resource"])
+        if s3 == ["s3:ListBucket"]:
+            assert "s3:prefix" in json.dumps(st["Condition"]), "listing limited to the prefix"
+        else:
+            assert re.search(r"(\$\{Prefix\}|t2t-study|mlflow-artifacts)/\*", resources), st
+    pattern = re.compile(template["Parameters"]["SshCidr"]["AllowedPattern"])
+    assert pattern.fullmatch("203.0.113.7/32") and not pattern.fullmatch("0.0.0.0/0")
+    [sg] = [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    assert [rule["CidrIp"] for rule in sg["Properties"]["SecurityGroupIngress"]] == [{"Ref": "SshCidr"}]
+    launcher = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
+    for name, node in launcher["available_node_types"].items():
+        # Both set, or the launcher opens SSH to 0.0.0.0/0 and gives the head EC2 and S3 full access.
+        assert node["node_config"]["SecurityGroupIds"] and node["node_config"]["IamInstanceProfile"]["Arn"], (
+            name
+        )
+
+
+def test_mlflow_server_is_authenticated_local_by_default_and_limited() -> None:
+    compose = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())["services"]
+    mlflow = compose["mlflow"]
+    assert mlflow["ports"] == ["${MLFLOW_PUBLISH_ADDRESS:-127.0.0.1}:5000:5000"]
+    assert [n for n, s in compose.items() if s.get("ports")] == ["mlflow"], "nothing else is published"
+    assert "--app-name=basic-auth" in mlflow["command"]
+    env = mlflow["environment"]
+    assert urlparse(env["MLFLOW_BACKEND_STORE_URI"]).password is None
+    assert env["AWS_ACCESS_KEY_ID"].startswith("${MLFLOW_S3_ACCESS_KEY"), "MLflow's own key, not MinIO's root"
+    assert "MINIO_ROOT" not in json.dumps(env)
+    for name, service in compose.items():
+        limits = service["deploy"]["resources"]["limits"]
+        assert limits["cpus"] and limits["memory"], name
+    text = (INFRA / "mlflow" / "Dockerfile").read_text()
+    assert '"--app-name", "basic-auth"' in text and "MLFLOW_AUTH_CONFIG_PATH" in text
+    auth = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    assert (
+        "admin_password" not in auth.split("[mlflow]")[1]
+        and urlparse(re.search(r"database_uri = (\S+)", auth).group(1)).password is None
     )
