@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import assert_trains
 from timm.models.vision_transformer import Block
 
 from pipeline.models import count_macs, count_params
@@ -93,23 +94,6 @@ def test_stages_share_no_weights() -> None:
     assert not (pointers[0] & pointers[1] or pointers[1] & pointers[2] or pointers[0] & pointers[2])
 
 
-def _assert_trains(model: torch.nn.Module, batch: int = 2, img_size: int = 64, num_classes: int = 10) -> None:
-    images = torch.randn(batch, 3, img_size, img_size)
-    outputs = model(images)
-    assert isinstance(outputs, list) and len(outputs) == 3
-    for logits in outputs:
-        assert logits.shape == (batch, num_classes)
-        assert torch.isfinite(logits).all()
-    target = torch.arange(batch) % num_classes
-    sum(F.cross_entropy(logits, target) for logits in outputs).backward()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            assert param.grad is not None, f"{name} got no gradient"
-            assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
-        else:
-            assert param.grad is None, f"frozen {name} got a gradient"
-
-
 @pytest.mark.parametrize("name", ["dvt_t2t_vit_12", "dvt_deit_small"])
 @pytest.mark.parametrize(("feature_reuse", "relation_reuse"), REUSE)
 def test_every_reuse_combination_trains(name: str, feature_reuse: bool, relation_reuse: bool) -> None:
@@ -121,7 +105,7 @@ def test_every_reuse_combination_trains(name: str, feature_reuse: bool, relation
     assert len(model.relation_adapters) == (2 if relation_reuse else 0)
     for index, stage in enumerate(model.stages):
         assert all((block.reuse_mlp is not None) == (feature_reuse and index > 0) for block in stage.blocks)
-    _assert_trains(model.train())
+    assert_trains(model.train(), exits=3)
 
 
 def test_training_loop_sums_the_exit_losses() -> None:
