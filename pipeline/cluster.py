@@ -11,12 +11,14 @@ job's entrypoint: ``python -m pipeline.cluster --output URI [TARGET ...]``. The 
 3. runs ``dvc repro`` with ``core.no_scm`` (the upload has no ``.git``): the same DAG, skipping
    rules and lock file as on a laptop;
 4. saves ``dvc.lock``, ``params.yaml``, every output inside the repository and the DVC cache
-   back to ``--output`` (also when a stage fails, so the next job resumes from the stages that
-   finished), plus ``job.json``;
+   back to ``--output`` (also when a stage fails or ``ray job stop`` arrives, so the next job
+   resumes from the stages that finished), stage-then-swap (:mod:`pipeline.state`), plus ``job.json``;
 5. tags the MLflow runs it made with the submitter's git commit (the job's copy has no git).
 
+The job holds a lease on ``--output`` (``job.lock``, renewed every 45 s) from the restore to the
+end of the save: a second job on the same ``--output`` fails at once, naming the first.
 ``--output`` is a folder every node sees (NFS, a PVC) or an object-store URI (``s3://``, ``gs://``),
-opened with ``pyarrow.fs``, the library Ray uses for its own storage.
+through :mod:`pipeline.storage`.
 """
 
 from __future__ import annotations
@@ -32,20 +34,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from pipeline.config import ConfigError, StudyConfig, load_config
+from pipeline.state import PARAMS, StateError, job_lease, restore_state, save_state, write_record
+from pipeline.storage import LeaseHeld, StorageError, is_uri
 
 # Named explicitly: run as ``python -m pipeline.cluster`` the module is ``__main__``.
 log = logging.getLogger("pipeline.cluster")
 
-LOCK = "dvc.lock"
-PARAMS = "params.yaml"
-JOB_RECORD = "job.json"
-#: The DVC cache objects of the in-repo outputs, so a restored output is "in cache" for DVC.
-CACHE = "dvc-cache"
 #: Environment the client sets for the job: the submitter's commit (the upload has no .git).
 ENV_COMMIT, ENV_DIRTY, ENV_SUBMISSION = "STUDY_GIT_COMMIT", "STUDY_GIT_DIRTY", "STUDY_SUBMISSION_ID"
 #: Never copied into the job's private folder: outputs and state of an earlier job in the same
@@ -54,24 +50,21 @@ _PRIVATE_SKIP = {"data", "results", "reports", "runs", "mlflow.db", "mlartifacts
 _DVC_SKIP = {"cache", "tmp", "config.local"}
 
 
-class StorageError(RuntimeError):
-    """The shared output location cannot be read or written."""
-
-
 class StudyError(RuntimeError):
     """The study cannot run on a cluster as configured; the message says what to change."""
 
 
 def _shared(path: str) -> bool:
-    return "://" in path or Path(path).is_absolute()
+    return is_uri(path) or Path(path).is_absolute()
 
 
 def check_study(cfg: StudyConfig) -> list[str]:
-    """Refuse params whose checkpoints would die with the job; return warnings for the rest.
+    """Refuse params whose checkpoints or shards would die with the job; return warnings.
 
     Raises:
-        StudyError: a variant's ``train.storage_path`` is relative (it would resolve inside the
-            job's temporary copy: checkpoints lost, multi-node training broken).
+        StudyError: a variant's ``train.storage_path`` or ``data.shards.output`` is relative (it
+            would resolve inside the job's temporary copy: checkpoints lost, multi-node training
+            broken, and only the shards' manifest, never the tars, saved for the next job).
     """
     relative = sorted({cfg.train_for(v).storage_path for v in cfg.variants})
     relative = [p for p in relative if not _shared(p)]
@@ -82,144 +75,14 @@ def check_study(cfg: StudyConfig) -> list[str]:
             "Set train.storage_path in params.yaml to storage every node sees "
             "(s3://bucket/t2t-runs, or a mount such as /mnt/shared/runs)."
         )
-    warnings = []
     if not _shared(cfg.data.shards.output):
-        warnings.append(
-            f"data.shards.output {cfg.data.shards.output!r} is inside the job's copy: fine on a one-node "
-            "cluster, unreadable by workers on other nodes (use shared storage for a multi-node run)"
+        raise StudyError(
+            f"data.shards.output {cfg.data.shards.output!r} is relative: on a cluster it resolves inside "
+            "the job's temporary copy, so workers on other nodes cannot read the shards and the next job "
+            "gets back only their manifest, never the tars. Set data.shards.output in params.yaml to "
+            "storage every node sees (s3://bucket/t2t-shards, or a mount such as /mnt/shared/shards)."
         )
-    return warnings
-
-
-# --- shared storage -------------------------------------------------------------------------------
-
-
-def open_location(uri: str) -> tuple[Any, str]:
-    """A ``pyarrow.fs`` filesystem and the path inside it for a folder or an object-store URI."""
-    from pyarrow import fs
-
-    if "://" not in uri:
-        uri = str(Path(uri).expanduser().resolve())
-    try:
-        return fs.FileSystem.from_uri(uri)
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... by scheme
-        raise StorageError(f"cannot open the output location {uri!r}: {err}") from None
-
-
-def path_kind(filesystem: Any, path: str) -> str:
-    from pyarrow import fs
-
-    info = filesystem.get_file_info(path)
-    return {fs.FileType.File: "file", fs.FileType.Directory: "dir"}.get(info.type, "missing")
-
-
-def _remove(filesystem: Any, path: str) -> None:
-    kind = path_kind(filesystem, path)
-    if kind == "dir":
-        filesystem.delete_dir(path)
-    elif kind == "file":
-        filesystem.delete_file(path)
-
-
-def copy_path(src_fs: Any, src: str, dst_fs: Any, dst: str) -> bool:
-    """Replace ``dst`` by a copy of file or folder ``src``; False if ``src`` does not exist."""
-    from pyarrow import fs
-
-    kind = path_kind(src_fs, src)
-    if kind == "missing":
-        return False
-    _remove(dst_fs, dst)
-    parent = dst.rstrip("/").rpartition("/")[0]
-    if parent:
-        dst_fs.create_dir(parent, recursive=True)
-    if kind == "dir":
-        dst_fs.create_dir(dst, recursive=True)
-    fs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-    return True
-
-
-def merge_tree(src_fs: Any, src: str, dst_fs: Any, dst: str) -> int:
-    """Copy the files of folder ``src`` missing from ``dst`` (content-addressed: a name present is
-    the same bytes); returns how many were copied."""
-    from pyarrow import fs
-
-    if path_kind(src_fs, src) != "dir":
-        return 0
-    copied = 0
-    for info in src_fs.get_file_info(fs.FileSelector(src, recursive=True)):
-        if info.type != fs.FileType.File:
-            continue
-        target = f"{dst}/{info.path[len(src.rstrip('/')) + 1 :]}"
-        if path_kind(dst_fs, target) == "missing":
-            dst_fs.create_dir(target.rpartition("/")[0], recursive=True)
-            fs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
-            copied += 1
-    return copied
-
-
-def state_paths(lock_text: str) -> list[str]:
-    """``dvc.lock``'s outputs that live inside the repository (metrics and plots included).
-
-    Outputs at absolute paths or URIs (ImageNet shards on shared storage) already are where
-    every node and the next job see them, so they are not copied.
-    """
-    lock = yaml.safe_load(lock_text) or {}
-    paths: list[str] = []
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            path = str(out["path"])
-            if "://" in path or Path(path).is_absolute() or ".." in Path(path).parts:
-                continue
-            if path not in paths:
-                paths.append(path)
-    return paths
-
-
-def save_state(root: Path, output: str) -> list[str]:
-    """Copy ``dvc.lock``, ``params.yaml`` and the in-repo outputs of ``root`` to ``output``."""
-    from pyarrow import fs
-
-    local = fs.LocalFileSystem()
-    out_fs, base = open_location(output)
-    lock = root / LOCK
-    saved = [LOCK, PARAMS] if lock.is_file() else [PARAMS]
-    saved += state_paths(lock.read_text()) if lock.is_file() else []
-    for rel in saved:
-        copy_path(local, str(root / rel), out_fs, f"{base}/{rel}")
-    merge_tree(local, str(root / ".dvc" / "cache"), out_fs, f"{base}/{CACHE}")
-    return saved
-
-
-def restore_state(output: str, root: Path) -> list[str]:
-    """Copy the last saved ``dvc.lock`` and its outputs from ``output`` into ``root``."""
-    from pyarrow import fs
-
-    out_fs, base = open_location(output)
-    if path_kind(out_fs, f"{base}/{LOCK}") != "file":
-        return []
-    with out_fs.open_input_stream(f"{base}/{LOCK}") as fh:
-        lock_text = fh.read().decode()
-    restored = [LOCK, *state_paths(lock_text)]
-    local = fs.LocalFileSystem()
-    for rel in restored:
-        copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))
-    merge_tree(out_fs, f"{base}/{CACHE}", local, str(root / ".dvc" / "cache"))
-    return restored
-
-
-def write_record(output: str, record: dict[str, Any]) -> None:
-    out_fs, base = open_location(output)
-    out_fs.create_dir(base, recursive=True)
-    with out_fs.open_output_stream(f"{base}/{JOB_RECORD}") as fh:
-        fh.write((json.dumps(record, indent=2) + "\n").encode())
-
-
-def read_record(output: str) -> dict[str, Any] | None:
-    out_fs, base = open_location(output)
-    if path_kind(out_fs, f"{base}/{JOB_RECORD}") != "file":
-        return None
-    with out_fs.open_input_stream(f"{base}/{JOB_RECORD}") as fh:
-        return json.loads(fh.read().decode())
+    return []
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -290,11 +153,30 @@ def repro(root: Path, targets: list[str]) -> tuple[int, list[str]]:
     return proc.wait(), ran
 
 
+def _shield_from_stop() -> None:
+    """Let the state save finish: a SIGTERM now is logged, not obeyed. ``pipeline.submit`` gives
+    the job ``RAY_JOB_STOP_WAIT_TIME_S`` (10 minutes) before Ray's SIGKILL; a save cut even then
+    is rolled forward by the next job (:mod:`pipeline.state`)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: log.warning("stop requested: finishing the save first"))
+
+
 def run_study(src: Path, output: str, targets: list[str]) -> int:
-    """Restore, ``dvc repro``, save. Returns ``dvc repro``'s exit code."""
+    """Restore, ``dvc repro``, save, holding the lease on ``output``. Returns ``dvc repro``'s exit code.
+
+    Raises:
+        LeaseHeld: another job holds ``output``.
+    """
     started = time.time()
     for warning in check_study(load_config(src / PARAMS)):
         log.warning("%s", warning)
+    with job_lease(output):
+        return _run_study(src, output, targets, started)
+
+
+def _run_study(src: Path, output: str, targets: list[str], started: float) -> int:
     root = private_copy(src)
     rc, ran = 1, []
     try:
@@ -304,6 +186,7 @@ def run_study(src: Path, output: str, targets: list[str]) -> int:
         try:
             rc, ran = repro(root, targets)
         finally:
+            _shield_from_stop()
             saved = save_state(root, output)
             log.info("saved to %s: %s", output, ", ".join(saved))
             new_runs = [r for v, r in _result_runs(root).items() if before.get(v) != r]
@@ -350,7 +233,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(run_study(Path.cwd(), args.output, args.targets))
-    except (ConfigError, StudyError, StorageError) as err:
+    except (ConfigError, StudyError, StorageError, StateError, LeaseHeld) as err:
         log.error("%s", err)
         sys.exit(1)
 

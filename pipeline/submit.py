@@ -23,27 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
-from pipeline.cluster import (
-    CACHE,
-    ENV_COMMIT,
-    ENV_DIRTY,
-    ENV_SUBMISSION,
-    LOCK,
-    PARAMS,
-    StorageError,
-    StudyError,
-    check_study,
-    copy_path,
-    merge_tree,
-    open_location,
-    path_kind,
-    read_record,
-    state_paths,
-)
+from pipeline.cluster import ENV_COMMIT, ENV_DIRTY, ENV_SUBMISSION, StudyError, check_study
 from pipeline.config import ConfigError, load_config
 from pipeline.paths import repo_root
+from pipeline.state import PARAMS, StateError, fetch_state, job_lease
+from pipeline.storage import StorageError, describe, resolve_location
 from pipeline.tracking import TrackingUnavailable, check_tracking, git_state
 
 log = logging.getLogger(__name__)
@@ -71,6 +55,10 @@ EXCLUDES = [
 ]
 
 
+#: Seconds `ray job stop` gives the job to save its state.
+STOP_GRACE_S = 600
+
+
 class SubmitError(RuntimeError):
     """The study cannot be submitted or fetched as asked; the message says what to change."""
 
@@ -87,6 +75,9 @@ def runtime_env(root: Path, *, mlflow_uri: str, submission_id: str, git: dict[st
             ENV_COMMIT: git["git_commit"],
             ENV_DIRTY: git["git_dirty"],
             ENV_SUBMISSION: submission_id,
+            # `ray job stop` waits this long after its SIGTERM before SIGKILL (Ray's default: 3 s),
+            # so the job's state save (pipeline.state) always finishes.
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
         },
     }
 
@@ -119,12 +110,26 @@ def submit_study(
         raise SubmitError(f"submitting the job failed: {err}") from None
 
 
-def wait_for(client: Any, job_id: str, *, poll_s: float = 10.0, heartbeat_s: float = 300.0) -> Any:
-    """Poll the job until it ends, logging each status change; returns its final ``JobDetails``."""
+def wait_for(
+    client: Any,
+    job_id: str,
+    *,
+    poll_s: float = 10.0,
+    heartbeat_s: float = 300.0,
+    give_up_s: float = 1800.0,
+) -> Any:
+    """Poll the job until it ends, logging each status change; returns its final ``JobDetails``.
+
+    A dropped connection to the dashboard (a restarted head, a broken port-forward) is retried
+    with exponential backoff (1 s doubling to 60 s); the job goes on meanwhile.
+
+    Raises:
+        SubmitError: the dashboard stayed unreachable for ``give_up_s``.
+    """
     start = last_beat = time.monotonic()
     status = None
     while True:
-        info = client.get_job_info(job_id)
+        info = _with_retries(lambda: client.get_job_info(job_id), job_id, give_up_s)
         now = time.monotonic()
         if info.status != status or now - last_beat >= heartbeat_s:
             status, last_beat = info.status, now
@@ -132,6 +137,29 @@ def wait_for(client: Any, job_id: str, *, poll_s: float = 10.0, heartbeat_s: flo
         if status.is_terminal():
             return info
         time.sleep(poll_s)
+
+
+def _with_retries(call: Any, job_id: str, give_up_s: float) -> Any:
+    delay, lost_at = 1.0, None
+    while True:
+        try:
+            result = call()
+        except (ConnectionError, OSError, RuntimeError) as err:  # requests' errors derive from OSError
+            if "not exist" in str(err):  # the job is unknown: retrying cannot help
+                raise
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at > give_up_s:
+                raise SubmitError(
+                    f"lost the dashboard for {give_up_s:.0f} s ({err}); job {job_id} may still be running: "
+                    f"check it with `ray job status {job_id}`, then fetch with --fetch-only"
+                ) from None
+            log.warning("dashboard unreachable (%s); retrying in %.0f s", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+            continue
+        if lost_at is not None:
+            log.info("dashboard reachable again after %.0f s", time.monotonic() - lost_at)
+        return result
 
 
 def follow(client: Any, job_id: str, out: TextIO) -> None:
@@ -150,37 +178,6 @@ def log_tail(client: Any, job_id: str, lines: int) -> str:
     """The last ``lines`` lines of the job's log."""
     text = client.get_job_logs(job_id)
     return "\n".join(text.splitlines()[-lines:])
-
-
-def fetch_state(output: str, root: Path) -> list[str]:
-    """Copy the last job's ``dvc.lock``, in-repo outputs and their DVC cache objects into ``root``.
-
-    Refuses when ``root``'s params.yaml no longer holds the values the job ran with: that
-    dvc.lock would describe another study.
-
-    Raises:
-        SubmitError: the location holds no finished job, or its params differ from the local ones.
-    """
-    from pyarrow import fs
-
-    out_fs, base = open_location(output)
-    if path_kind(out_fs, f"{base}/{LOCK}") != "file":
-        raise SubmitError(f"{output} holds no study state (no {LOCK})")
-    record = read_record(output) or {}
-    log.info("fetching the state job %s left in %s", record.get("submission_id", "?"), output)
-    with out_fs.open_input_stream(f"{base}/{PARAMS}") as fh:
-        ran_with = yaml.safe_load(fh.read().decode())
-    if ran_with != yaml.safe_load((root / PARAMS).read_text()):
-        raise SubmitError(
-            f"{root / PARAMS} differs from the params the job ran with ({output}/{PARAMS}); "
-            "not overwriting dvc.lock. Restore those params, or copy the outputs by hand."
-        )
-    with out_fs.open_input_stream(f"{base}/{LOCK}") as fh:
-        paths = [LOCK, *state_paths(fh.read().decode())]
-    local = fs.LocalFileSystem()
-    fetched = [rel for rel in paths if copy_path(out_fs, f"{base}/{rel}", local, str(root / rel))]
-    merge_tree(out_fs, f"{base}/{CACHE}", local, str(_dvc_cache_dir(root)))
-    return fetched
 
 
 def _dvc_cache_dir(root: Path) -> Path:
@@ -240,25 +237,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fetch(output: str, root: Path) -> None:
+def _fetch(output: str, root: Path) -> int:
+    """Fetch the state; 0 on success, 1 (with the reason on stderr) when nothing was fetched."""
     try:
-        fetched = fetch_state(output, root)
-    except (SubmitError, StorageError, OSError) as err:
-        log.warning("not fetched: %s", err)
-        return
+        fetched = fetch_state(output, root, _dvc_cache_dir(root))
+    except (StateError, StorageError, OSError) as err:
+        log.error("error: not fetched: %s", err)
+        return 1
     log.info("fetched into %s: %s", root, ", ".join(fetched))
     if (root / "reports" / "comparison.md").is_file():
         log.info("report: %s", root / "reports" / "comparison.md")
+    return 0
+
+
+def check_output_free(output: str) -> None:
+    """Refuse an ``--output`` a running job holds (its lease; the job itself re-checks at start).
+
+    Raises:
+        SubmitError: naming the job that holds it.
+    """
+    lease = job_lease(output)
+    held = lease.read()
+    if held and time.time() - float(held.get("heartbeat", 0)) < lease.ttl_s:
+        raise SubmitError(
+            f"{output} is in use by {describe(held)}: one job per --output at a time. Wait for it, stop it "
+            f"(ray job stop {held.get('submission_id') or '<id>'}), or choose another --output."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     root = repo_root()
-    output = args.output if "://" in args.output else str(Path(args.output).expanduser().resolve())
+    output = resolve_location(args.output)
     if args.fetch_only:
-        _fetch(output, root)
-        return 0
+        return _fetch(output, root)
     if not args.address:
         sys.exit("error: --address http://HEAD:8265 is needed (or RAY_ADDRESS set to that URL)")
     if not args.mlflow_uri:
@@ -267,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         for warning in check_study(load_config(root / PARAMS)):
             log.warning("warning: %s", warning)
     except (ConfigError, StudyError) as err:
+        sys.exit(f"error: {err}")
+    try:
+        check_output_free(output)
+    except (SubmitError, StorageError) as err:
         sys.exit(f"error: {err}")
     try:
         check_tracking(args.mlflow_uri)
@@ -299,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.follow:
             follow(client, job_id, sys.stdout)
         info = wait_for(client, job_id, poll_s=args.poll)
+    except SubmitError as err:
+        log.error("error: %s", err)
+        return 1
     except KeyboardInterrupt:
         log.warning(
             "stopped waiting; the job goes on. Stop it with: ray job stop %s --address %s", job_id, address
@@ -310,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = (info.message or "").splitlines()[0] if info.message else ""
         sys.stderr.write(f"---- job {job_id} {info.status.value}: {reason}\n")
         return 1
-    if args.fetch:
-        _fetch(output, root)
-    return 0
+    return _fetch(output, root) if args.fetch else 0
 
 
 if __name__ == "__main__":

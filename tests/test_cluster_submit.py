@@ -172,8 +172,8 @@ stages:
 def test_state_round_trip_skips_unchanged_stages_and_leaves_local_dvc_up_to_date(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    from pipeline.cluster import private_copy, repro, restore_state, save_state
-    from pipeline.submit import fetch_state
+    from pipeline.cluster import private_copy, repro
+    from pipeline.state import fetch_state, restore_state, save_state
 
     src = tmp_path / "src"
     src.mkdir()
@@ -197,13 +197,13 @@ def test_state_round_trip_skips_unchanged_stages_and_leaves_local_dvc_up_to_date
     assert repro(second, []) == (0, [])
 
     # The fetch makes the submitting checkout's DVC see the pipeline as run.
-    assert set(fetch_state(output, src)) == {"dvc.lock", "data/out", "results/r.json"}
+    assert set(fetch_state(output, src, src / ".dvc" / "cache")) == {"dvc.lock", "data/out", "results/r.json"}
     assert "up to date" in _dvc(src, "status")
 
     # A params change since submission: the fetch refuses to overwrite dvc.lock.
     (src / "params.yaml").write_text("x: 2\n")
     with pytest.raises(RuntimeError, match="differs from the params the job ran with"):
-        fetch_state(output, src)
+        fetch_state(output, src, src / ".dvc" / "cache")
 
 
 def test_submit_refuses_checkpoints_in_the_jobs_throwaway_copy(root: Path, tmp_path: Path) -> None:
@@ -242,6 +242,7 @@ def _copy_repo(root: Path, dest: Path, params: dict) -> Path:
 def _mini(root: Path, shared: Path) -> dict:
     params = yaml.safe_load((root / "profiles" / "mini.yaml").read_text())
     params["train"]["storage_path"] = str(shared / "checkpoints")  # shared storage, as on a cluster
+    params["data"]["shards"]["output"] = str(shared / "shards")
     return params
 
 
