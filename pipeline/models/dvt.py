@@ -53,11 +53,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from pipeline.models.checkpoints import explain_load_errors, make_filter
 from pipeline.models.cost import count_macs
 from pipeline.models.t2t_vit import SOFT_SPLITS, SoftSplit, T2TViT
 
 __all__ = [
     "DVT_PAPER",
+    "DVT_PAPER_REUSE_DELTA",
+    "DVT_PAPER_SINGLE_STAGE",
+    "DVT_PAPER_SPEED",
     "DEIT_PATCH_EMBEDS",
     "T2T_FIRST_SPLITS",
     "DynamicVisionTransformer",
@@ -99,6 +103,28 @@ DVT_PAPER: dict[str, DVTPaperEntry] = {
     "dvt_t2t_vit_12": DVTPaperEntry(params_all=22_461_516, stage_macs_g=(0.468, 0.978, 2.009)),
     "dvt_t2t_vit_14": DVTPaperEntry(params_all=67_881_836, stage_macs_g=(1.201, 2.618, 5.446)),
     "dvt_deit_small": DVTPaperEntry(params_all=70_442_232, stage_macs_g=(1.143, 2.500, 5.157)),
+}
+
+#: Wang et al., arXiv:2105.15075, Table 1: T2T-ViT-12 trained alone at 224 px on n x n tokens ->
+#: (ImageNet top-1 %, GFLOPs). DVT-T2T-ViT-12's exits 1 and 3 see 7x7 and 14x14 tokens.
+DVT_PAPER_SINGLE_STAGE: dict[int, tuple[float, float]] = {4: (60.8, 0.21), 7: (70.3, 0.47), 14: (76.7, 1.78)}
+
+#: The same paper's throughput comparison on one 2080Ti at batch 128: (row, images/s, top-1 %); the
+#: DVT rows are at the accuracy of the static model above them (top-1 None: not printed there).
+DVT_PAPER_SPEED: tuple[tuple[str, int, float | None], ...] = (
+    ("T2T-ViT-14", 619, 81.5),
+    ("DVT at T2T-ViT-14's accuracy", 877, 81.5),
+    ("T2T-ViT-19", 382, None),
+    ("DVT at T2T-ViT-19's accuracy", 666, None),
+)
+
+#: The same paper's reuse ablation (T2T-ViT-12 cascade): top-1 change against both reuses on, in
+#: points -- "about 4" without both, "about 2" without one.
+DVT_PAPER_REUSE_DELTA: dict[tuple[bool, bool], float] = {
+    (True, True): 0.0,
+    (True, False): -2.0,
+    (False, True): -2.0,
+    (False, False): -4.0,
 }
 
 
@@ -680,7 +706,11 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in DVT_PAPER})
 
 
 def _create_dvt(variant: str, pretrained: bool = False, **kwargs: Any) -> DynamicVisionTransformer:
-    return build_model_with_cfg(build_dvt, variant, pretrained, **kwargs)
+    # Loads the DVT authors' releases (their stage names) and this project's checkpoints alike.
+    with explain_load_errors(pretrained, kwargs.get("pretrained_cfg_overlay")):
+        return build_model_with_cfg(
+            build_dvt, variant, pretrained, pretrained_filter_fn=make_filter(), **kwargs
+        )
 
 
 @register_model

@@ -15,7 +15,8 @@ parameter count, including two details the paper leaves out:
 * the backbone uses ``nn.LayerNorm`` (eps 1e-5) and the authors' ``drop_rate`` means dropout after
   the position table and inside every block, not timm's head dropout.
 
-State dicts of the authors' checkpoints load through :func:`checkpoint_filter_fn`.
+The authors' released checkpoints load through timm's pretrained path (:func:`checkpoint_filter_fn`,
+:mod:`pipeline.models.checkpoints`).
 
 Every variant registers into timm, so after ``import pipeline.models``::
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -38,6 +38,8 @@ from timm.layers import Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from pipeline.models.checkpoints import explain_load_errors, make_filter
 
 __all__ = [
     "PerformerTokenAttention",
@@ -452,38 +454,31 @@ class T2TViT(VisionTransformer):
         return {"cls_token", "pos_embed"}
 
 
-_PERFORMER_RENAMES = (
-    (re.compile(r"(attention\d)\.(kqv|proj)\."), r"\1.attn.\2."),
-    (re.compile(r"(attention\d)\.w$"), r"\1.attn.random_features"),
-    (re.compile(r"(attention\d)\.mlp\.0\."), r"\1.mlp.fc1."),
-    (re.compile(r"(attention\d)\.mlp\.2\."), r"\1.mlp.fc2."),
-)
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: T2TViT) -> dict[str, torch.Tensor]:
+    """Prepare a checkpoint of the authors' code, timm or this project for ``model``.
 
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: T2TViT) -> dict[str, torch.Tensor]:
-    """Rename a state dict of the authors' code to this module's names.
-
-    ``tokens_to_token.`` becomes ``patch_embed.``; the Performer layer's ``kqv``/``proj``/``w`` move
-    under ``attn`` (``w`` as ``random_features``) and its ``mlp.0``/``mlp.2`` become ``fc1``/``fc2``.
-    The position table is deterministic, so the model's own one (for its image size) is kept.
+    Unwraps the file (``state_dict_ema`` first), strips ``module.``, renames the authors' tensors
+    (``tokens_to_token.`` becomes ``patch_embed.``; the Performer layer's ``kqv``/``proj``/``w`` move
+    under ``attn``, ``w`` as ``random_features``; its ``mlp.0``/``mlp.2`` become ``fc1``/``fc2``) and
+    keeps the checkpoint's position table: the stored one is what the authors evaluate, and a model
+    fine-tuned from another size stores a resized table that is no fresh sinusoid. At another grid
+    the table is resized bicubically, class token kept, as the authors' ``resize_pos_embed`` does
+    (:mod:`pipeline.models.checkpoints`).
 
     Args:
-        state_dict: The checkpoint's tensors (already unwrapped from ``state_dict_ema`` etc.).
+        state_dict: The checkpoint as read (a dict holding the weights, or the weights).
         model: The model the tensors are for.
 
     Returns:
         The renamed tensors.
+
+    Raises:
+        CheckpointError: the tensors are not ``model``'s architecture.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.").replace("tokens_to_token.", "patch_embed.")
-        if key.startswith("patch_embed.attention"):
-            for pattern, replacement in _PERFORMER_RENAMES:
-                key = pattern.sub(replacement, key)
-        out[key] = value
-    if model.pos_embed is not None:
-        out["pos_embed"] = model.pos_embed.detach().clone()
-    return out
+    return _FILTER(state_dict, model)
+
+
+_FILTER = make_filter()
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -524,14 +519,15 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return build_model_with_cfg(
-        T2TViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
-        **kwargs,
-    )
+    with explain_load_errors(pretrained, kwargs.get("pretrained_cfg_overlay")):
+        return build_model_with_cfg(
+            T2TViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=3, feature_cls="getter"),
+            **kwargs,
+        )
 
 
 @register_model

@@ -26,9 +26,17 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter_fn
 
-__all__: list[str] = []
+from pipeline.models.checkpoints import explain_load_errors, make_filter
+
+__all__ = ["checkpoint_filter_fn"]
+
+#: timm's ViT filter behind this project's checkpoint rules (EMA first, stored position table resized
+#: as the authors do, head kept or dropped by class count, architecture checked):
+#: :mod:`pipeline.models.checkpoints`.
+checkpoint_filter_fn = make_filter(base=timm_filter_fn)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -55,20 +63,22 @@ default_cfgs = generate_default_cfgs(
         "vit_s16_paper": _cfg(),
         "vit_b16_paper": _cfg(),
         "vit_l16_paper": _cfg(),
-        "deit_small_paper": _cfg(paper_ids="arXiv:2012.12877"),
+        # DeiT's own evaluation: resize 256, centre crop 224.
+        "deit_small_paper": _cfg(paper_ids="arXiv:2012.12877", crop_pct=0.875),
     }
 )
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    return build_model_with_cfg(
-        VisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
-        **kwargs,
-    )
+    with explain_load_errors(pretrained, kwargs.get("pretrained_cfg_overlay")):
+        return build_model_with_cfg(
+            VisionTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=3, feature_cls="getter"),
+            **kwargs,
+        )
 
 
 @register_model
