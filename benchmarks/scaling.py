@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import AugmentConfig, TrainConfig
@@ -25,19 +26,13 @@ from pipeline.train.loop import RunSpec
 
 
 def _run(spec: RunSpec, workers: int, storage: str, threads: int = 1) -> float:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from pipeline.train.ray_driver import build_trainer
 
-    from pipeline.train.runner import _worker
-
-    train = spec.train.model_copy(update={"num_workers": workers, "torch_threads": threads})
-    spec = RunSpec(**{**spec.__dict__, "train": train})
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"spec": spec.to_dict()},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=f"bench-scaling-{workers}x{threads}", storage_path=storage),
+    train = spec.train.model_copy(
+        update={"num_workers": workers, "torch_threads": threads, "cpus_per_worker": threads}
+    )
+    trainer = build_trainer(
+        replace(spec, train=train), name=f"bench-scaling-{workers}x{threads}", storage_path=storage
     )
     return float(trainer.fit().metrics["images_per_s"])
 

@@ -307,14 +307,34 @@ class ReportConfig(_Section):
 
 
 class DVTConfig(_Section):
-    """The ``tune_dvt`` stage: the reuse ablation and the exit thresholds for a MACs budget."""
+    """The ``tune_dvt`` stages (one per cascade): reuse ablation, exit thresholds, measured speed."""
 
-    variant: str = Field(description="The trained multi-exit variant (a key of variants) to tune.")
-    budget_gmacs: float = Field(gt=0, description="Average MACs per image allowed, in G (all-matmul).")
-    holdout_fraction: float = Field(
-        0.5, gt=0, lt=1, description="Share of the validation split that calibrates thresholds."
+    variants: list[str] = Field(
+        min_length=1, description="Trained multi-exit variants (keys of variants) to tune; one stage each."
     )
-    seed: int = Field(0, ge=0, description="Seed of the calibration split and the searches.")
+    budget_gmacs: float | dict[str, float] = Field(
+        description="Average MACs per image allowed, in G (all-matmul): one for every cascade, or one per "
+        "cascade (a mapping from each of dvt.variants)."
+    )
+    backbones: dict[str, str] = Field(
+        default_factory=dict,
+        description="Cascade -> the static variant of the same backbone trained in this study (e.g. "
+        "dvt_t2t_vit_12: t2t_vit_12): scored on the same images and timed beside the cascade.",
+    )
+    reuse_ablation: list[str] = Field(
+        default_factory=list,
+        description="Cascades (of dvt.variants) whose four reuse combinations are trained and compared.",
+    )
+    calibration: Literal["train", "val"] = Field(
+        "train",
+        description="Where the thresholds are calibrated: 'train' a seeded subset of the training split "
+        "(evaluation transform), every validation image reported (the authors' protocol); 'val' a seeded "
+        "part of the validation split, only the other part reported.",
+    )
+    calibration_images: int = Field(
+        50_000, ge=1, description="Images calibrating the thresholds (the authors: 50,000 training images)."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the calibration subset and the searches.")
     threshold_trials: int = Field(48, ge=1, description="Ray Tune (Optuna) trials over the thresholds.")
     reuse_epochs: int = Field(3, ge=1, description="Epochs per reuse-ablation trial.")
     reuse_steps_per_epoch: int | None = Field(
@@ -322,6 +342,59 @@ class DVTConfig(_Section):
     )
     reuse_workers: int = Field(1, ge=1, description="Ray Train workers per reuse-ablation trial.")
     max_concurrent_trials: int = Field(2, ge=1)
+    speed_batch: int = Field(128, ge=1, description="Batch of the throughput measurement (the paper's 128).")
+    speed_repeats: int = Field(5, ge=1, description="Timed batches per measurement (the median is reported).")
+    speed_warmup: int = Field(2, ge=0, description="Untimed batches before each measurement.")
+
+    @model_validator(mode="after")
+    def _cascades_consistent(self) -> DVTConfig:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants {self.variants} repeat a cascade")
+        for key, names in (("reuse_ablation", self.reuse_ablation), ("backbones", list(self.backbones))):
+            stray = sorted(set(names) - set(self.variants))
+            if stray:
+                raise ValueError(f"{key} names {stray}, which are not in dvt.variants {self.variants}")
+        if isinstance(self.budget_gmacs, dict):
+            missing = sorted(set(self.variants) - set(self.budget_gmacs))
+            if missing:
+                raise ValueError(f"budget_gmacs gives no budget for {missing}")
+            if any(v <= 0 for v in self.budget_gmacs.values()):
+                raise ValueError("every budget_gmacs must be > 0")
+        elif self.budget_gmacs <= 0:
+            raise ValueError("budget_gmacs must be > 0")
+        return self
+
+    def budget_for(self, variant: str) -> float:
+        """The budget of ``variant``, in GMACs."""
+        if isinstance(self.budget_gmacs, dict):
+            return float(self.budget_gmacs[variant])
+        return float(self.budget_gmacs)
+
+
+class PretrainedConfig(_Section):
+    """One outside checkpoint for the ``evaluate`` stage (docs/models.md lists the published ones)."""
+
+    model: str = Field(description="A timm-registered model name the checkpoint is for.")
+    checkpoint: str = Field(
+        description="A path (relative to the repo or absolute), an fsspec URI, an MLflow run "
+        "(runs:/<id>/<artifact>, mlflow:<id>) or a training record results/<variant>.json."
+    )
+    img_size: int | None = Field(None, ge=16, description="Input side; None: the model's default (224).")
+    crop_pct: float | None = Field(
+        None, gt=0, le=1, description="Centre-crop fraction; None: the model's (T2T-ViT 0.9, DeiT 0.875)."
+    )
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Passed to timm.create_model.")
+    export_authors_format: bool = Field(
+        False,
+        description="First write the checkpoint in the T2T-ViT authors' release format and evaluate that "
+        "file (checks the conversion end to end; T2T-ViT models only).",
+    )
+    batch_size: int = Field(64, ge=1, description="Evaluation batch.")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes.")
+    holdout_fraction: float = Field(
+        0.5, gt=0, lt=1, description="DVT: share of the images that calibrates the exit thresholds."
+    )
+    seed: int = Field(0, ge=0, description="DVT: seed of the calibration split.")
 
 
 class StudyConfig(_Section):
@@ -345,11 +418,12 @@ class StudyConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _dvt_variant_exists(self) -> StudyConfig:
-        if self.dvt.variant not in self.variants:
-            raise ValueError(
-                f"dvt.variant {self.dvt.variant!r} is not a key of variants {sorted(self.variants)}"
-            )
+    def _dvt_variants_exist(self) -> StudyConfig:
+        named = [("dvt.variants", v) for v in self.dvt.variants]
+        named += [(f"dvt.backbones.{k}", v) for k, v in self.dvt.backbones.items()]
+        for key, name in named:
+            if name not in self.variants:
+                raise ValueError(f"{key}: {name!r} is not a key of variants {sorted(self.variants)}")
         return self
 
     @model_validator(mode="after")

@@ -11,8 +11,12 @@ import hashlib
 import logging
 import os
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +107,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
+    """The id of experiment ``name``, created if missing (a local store keeps artifacts beside mlflow.db)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def child_run(client: Any, parent: str, experiment: str, name: str, tags: Mapping[str, str]) -> str:
+    """A new run under ``parent`` (tag ``mlflow.parentRunId``); returns its id."""
+    run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent, **tags})
+    return run.info.run_id
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """One ``log_batch`` of ``metrics`` at ``step``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+@contextmanager
+def tracked_run(client: Any, run_id: str, *, interrupted: threading.Event | None = None) -> Iterator[str]:
+    """Mark the MLflow run ``run_id`` terminated when the block ends: FINISHED when it returns, KILLED when
+    it is interrupted (``KeyboardInterrupt``, ``SystemExit``, or ``interrupted`` set), FAILED otherwise.
+
+    The one way training and tuning end their runs, so a crash never leaves a run RUNNING.
+    """
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    except BaseException:
+        if interrupted is not None and interrupted.is_set():
+            status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)

@@ -8,9 +8,10 @@ Counting conventions, stated in the Markdown header: parameters "all" are every 
 T2T-ViT's frozen sinusoidal position table and the Performer's fixed random features; "trainable"
 leaves those out. MACs are all matrix multiplications (every linear layer, both attention
 products, the Performer's products, and the ghost layers' per-channel maps), counted by tracing
-one forward pass with ``torch.utils.flop_counter.FlopCounterMode`` (SPEC.md section 2). Deviations
-are against the authors' code where SPEC.md gives exact counts (parameters to the unit, MACs
-recounted in the same convention), otherwise against the paper's printed, rounded numbers.
+one forward pass with ``torch.utils.flop_counter.FlopCounterMode`` (docs/models.md). Deviations are
+against the authors' code (github.com/yitu-opensource/T2T-ViT) where :data:`PAPER` holds its exact
+counts (parameters to the unit, MACs recounted in the same convention), otherwise against the
+paper's printed, rounded numbers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ZooRow:
     ref_params: int | None
     """Parameter count compared against: the authors' exact count, else the paper's millions x 1e6."""
     ref_params_source: str
-    """``code`` (exact, SPEC.md), ``paper`` (printed, rounded to 0.1 M) or empty."""
+    """``code`` (exact count of the authors' code), ``paper`` (printed, rounded to 0.1 M) or empty."""
     params_dev_pct: float | None
     """``(params_all - ref_params) / ref_params`` in percent."""
     ref_macs_g: float | None
@@ -69,7 +70,9 @@ class ZooRow:
     paper_macs_g: float | None
     """GMACs as the final paper / README print them."""
     paper_top1: float | None
-    """ImageNet-1k top-1 (%) the paper reports."""
+    """ImageNet-1k top-1 (%) the paper or the authors' README reports."""
+    paper_top1_source: str
+    """Where ``paper_top1`` is printed (empty without one)."""
 
 
 COLUMNS = [f.name for f in fields(ZooRow)]
@@ -147,6 +150,7 @@ def measure(model: str, img_size: int = 224) -> ZooRow:
         paper_params_m=row["params_m"] if row else None,
         paper_macs_g=row["macs_g"] if row else None,
         paper_top1=row["top1"] if row else None,
+        paper_top1_source=(row["top1_source"] or "") if row else "",
     )
 
 
@@ -209,9 +213,12 @@ def write_zoo(rows: Sequence[ZooRow], out: Path) -> tuple[Path, Path]:
         "maps; not LayerNorm, softmax, GELU, unfold or additions. Counted by tracing one forward pass with "
         "torch's FlopCounterMode (FLOPs / 2), in G.",
         "- **Reference**: `code` = the authors' released code (exact parameter count; MACs recounted in the "
-        "same convention, SPEC.md section 2); `paper` = the paper's printed numbers (parameters rounded to "
+        "same convention, docs/models.md); `paper` = the paper's printed numbers (parameters rounded to "
         "0.1 M; its ViT MACs run about 2 % above the all-matmul count, e.g. ViT-S/16 10.1 G vs 9.889 G). "
         "Δ = measured vs reference.",
+        "- **Paper top-1**: ImageNet-1k, from the T2T-ViT paper (arXiv:2101.11986) or, for the T2T-ViT "
+        "models it leaves out, the authors' README (github.com/yitu-opensource/T2T-ViT); the CSV's "
+        "`paper_top1_source` says which.",
         "",
         "| Model | Family | Params (all) | Params (trainable) | MACs (G) | Ref. params | Δ params | "
         "Ref. MACs (G) | Δ MACs | Ref. | Paper params (M) | Paper MACs (G) | Paper top-1 |",

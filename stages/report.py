@@ -1,7 +1,7 @@
 """DVC stage ``report``: the study's tables, figures and HTML page (reports/) from the results and MLflow.
 
-Reads ``results/<variant>.json`` of every variant in params and ``results/dvt/`` (the tune_dvt
-stage), fetches each named MLflow run, and writes Markdown/CSV/parquet tables, PNG/SVG figures,
+Reads ``results/<variant>.json`` of every variant in params and ``results/dvt/<cascade>/`` (the
+tune_dvt stages), fetches each named MLflow run, and writes Markdown/CSV/parquet tables, PNG/SVG figures,
 ``metrics.json`` and the self-contained ``index.html`` (docs/report.md). Run links in the page point
 at ``MLFLOW_UI_URL`` (default http://127.0.0.1:5000, where ``./run ui`` serves).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.paths import repo_root, resolve
 from stages import _cli
 
-PARAMS = ["variants", "report"]
+PARAMS = ["variants", "dvt.variants", "report"]
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     uri = tracking_uri(root)
     check_tracking(uri)
     out = resolve(cfg.report.output, root)
-    build_report(root / args.results, list(cfg.variants), uri, out)
+    build_report(root / args.results, list(cfg.variants), uri, out, cascades=cfg.dvt.variants)
     print(f"report written to {out / 'index.html'}")
 
 

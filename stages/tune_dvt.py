@@ -1,44 +1,44 @@
-"""DVC stage ``tune_dvt``: Ray Tune over DVT's reuse settings and its exit thresholds for a MACs budget.
+"""DVC stage ``tune_dvt@<variant>``: tune one trained DVT cascade, score it beside its backbone, time it.
 
-Reads the trained cascade named by ``dvt.variant`` (its ``results/<variant>.json`` and the final
-weights logged to MLflow), writes ``results/dvt/best.yaml`` (best reuse setting, thresholds of
-both searches), ``results/dvt/curve.csv`` and ``curve.png`` (accuracy against average MACs) and
-``results/dvt/metrics.json``.
+Reads the trained cascade's ``results/<variant>.json`` (and its static backbone's, ``dvt.backbones``)
+and their final weights logged to MLflow; calibrates the exit thresholds on the calibration images
+(``dvt.calibration``), reports on the others, runs the reuse ablation when ``dvt.reuse_ablation``
+names the cascade, measures images/s; writes ``results/dvt/<variant>/best.yaml`` (the record the
+report reads), ``curve.csv`` and ``metrics.json`` (docs/dvt.md).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 from pipeline.paths import repo_root
 from stages import _cli
 
-PARAMS = ["dvt", "train", "tracking", "variants.{dvt_variant}"]
+PARAMS = ["dvt", "train", "tracking", "variants.{variant}"]
 
 
 def main() -> None:
     p = _cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--variant", required=True, help="the cascade to tune (one of dvt.variants)")
     p.add_argument("--results", default="results", help="folder of the train stages' <variant>.json")
     args = p.parse_args()
     cfg = _cli.config(args.params)
+    if args.variant not in cfg.dvt.variants:
+        sys.exit(f"error: {args.variant!r} is not in dvt.variants {cfg.dvt.variants} ({args.params})")
     root = repo_root()
-    record_path = root / args.results / f"{cfg.dvt.variant}.json"
-    if not record_path.is_file():
-        sys.exit(f"error: {record_path} is missing: run train@{cfg.dvt.variant} first (dvc repro)")
 
     from pipeline.tracking import check_tracking, tracking_uri
 
     uri = tracking_uri(root)
     check_tracking(uri)  # before the heavy imports: an unreachable server fails in seconds
 
-    from pipeline.tune import run_study, write_outputs
+    from pipeline.dvt.study import tune_cascade, write_outputs
 
-    record = json.loads(record_path.read_text())
-    result, parent = run_study(cfg, record=record, root=root, tracking_uri=uri)
-    out = root / args.results / "dvt"
-    write_outputs(result, cfg, out, parent_run_id=parent)
-    print(f"DVT tuning written to {out}")
+    results = root / args.results
+    record = tune_cascade(cfg, args.variant, root=root, results=results, tracking_uri=uri)
+    out = results / "dvt" / args.variant
+    write_outputs(record, out)
+    print(f"DVT tuning of {args.variant} written to {out}")
 
 
 if __name__ == "__main__":

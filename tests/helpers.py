@@ -193,71 +193,58 @@ def _log_training(
 
 
 def _write_dvt(results: Path, client: Any, exp: str, trained_run: str) -> tuple[str, dict[str, str]]:
-    """results/dvt/ exactly as the tune_dvt stage writes it, from a synthetic cascade's softmax outputs."""
-    from types import SimpleNamespace
-
+    """results/dvt/<cascade>/ exactly as the tune_dvt stage writes it, from a synthetic cascade's softmax
+    outputs (calibrated on one set of images, reported on another)."""
     import numpy as np
 
-    from pipeline.config import DVTConfig
-    from pipeline.dvt.thresholds import best_under_budget, budget_curve, evaluate_thresholds, holdout_split
-    from pipeline.tune import TuneResult, combo_name, threshold_choice, write_outputs
+    from pipeline.dvt.points import best_within, score_point, sweep
+    from pipeline.dvt.records import ReuseAblation, ReuseTrial, TuneRecord
+    from pipeline.dvt.search import REUSE_COMBINATIONS
+    from pipeline.dvt.study import write_outputs
 
-    rng = np.random.default_rng(0)
-    n, classes = 240, 4
-    labels = rng.integers(0, classes, n)
-    logits = rng.normal(size=(3, n, classes)) + np.arange(1, 4)[:, None, None] * np.eye(classes)[labels]
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    def outputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 4, n)
+        logits = rng.normal(size=(3, n, 4)) + np.arange(1, 4)[:, None, None] * np.eye(4)[labels]
+        return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), labels
+
+    calib, reported = outputs(120, 0), outputs(120, 1)
     stage_macs = [g * 1e9 for g in STAGE_GMACS]
-    calib, test = holdout_split(n, 0.5, 0)
-    budget = 0.06
-    chosen = best_under_budget(
-        budget_curve(probs[:, calib], probs[:, calib], labels[calib], stage_macs), budget * 1e9
-    )
-    curve = budget_curve(probs[:, calib], probs[:, test], labels[test], stage_macs)
-    msdnet = next(p for p in curve if p.q == chosen.q)
-    eta = [0.7, 0.6, -math.inf]
-    optuna = evaluate_thresholds(probs[:, test], labels[test], stage_macs, eta)
-    reuse = {}
-    for i, (feature, relation) in enumerate([(True, True), (True, False), (False, True), (False, False)]):
-        top1 = 40.0 - 2 * i
-        reuse[combo_name({"feature_reuse": feature, "relation_reuse": relation})] = {
-            "val_top1": top1,
-            **{f"val_top1_exit{k}": top1 - 3 + k for k in (1, 2, 3)},
-        }
-    result = TuneResult(
-        reuse=reuse,
-        best_reuse=max(reuse, key=lambda k: reuse[k]["val_top1"]),
-        msdnet=threshold_choice(msdnet.thresholds, msdnet),
-        optuna=threshold_choice(eta, optuna, calib_accuracy=50.0),
-        curve=[{"source": "msdnet", **p.to_dict()} for p in curve]
-        + [
-            {
-                "source": "optuna",
-                "q": None,
-                "thresholds": eta,
-                "accuracy": optuna.accuracy,
-                "avg_macs": optuna.avg_macs,
-                "exit_fractions": optuna.exit_fractions.tolist(),
-            }
-        ],
-        stage_gmacs=STAGE_GMACS,
-    )
+    curve = sweep(calib, reported, stage_macs)
     parent = client.create_run(
         exp,
         run_name=f"tune_dvt-{DVT_VARIANT}",
-        tags={"dvc_stage": "tune_dvt", "variant": DVT_VARIANT, "trained_run_id": trained_run},
+        tags={"dvc_stage": f"tune_dvt@{DVT_VARIANT}", "variant": DVT_VARIANT, "trained_run_id": trained_run},
     )
     client.set_terminated(parent.info.run_id)
     # The trials as tune_dvt logs them: child runs named by combination (and threshold trials beside).
-    trials = {}
-    for name in [*reuse, "eta=(0.700,0.600)"]:
-        kind = "threshold" if name.startswith("eta") else "reuse"
-        tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": kind}
-        trials[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
-    cfg = SimpleNamespace(
-        dvt=DVTConfig(variant=DVT_VARIANT, budget_gmacs=budget, reuse_epochs=1, reuse_steps_per_epoch=20)
+    trials, reuse = {}, []
+    for i, combo in enumerate(REUSE_COMBINATIONS):
+        tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": "reuse"}
+        trials[combo.name] = client.create_run(exp, run_name=combo.name, tags=tags).info.run_id
+        top1 = 40.0 - 2 * i
+        exits = [top1 - 3 + k for k in (1, 2, 3)]
+        reuse.append(ReuseTrial(combo.feature_reuse, combo.relation_reuse, top1, exits, trials[combo.name]))
+    tags = {"mlflow.parentRunId": parent.info.run_id, "dvt_trial": "threshold"}
+    trials["eta=(0.700,0.600)"] = client.create_run(exp, run_name="eta=(0.700,0.600)", tags=tags).info.run_id
+    record = TuneRecord(
+        variant=DVT_VARIANT,
+        model="dvt_t2t_vit_12",
+        run_id=parent.info.run_id,
+        trained_run_id=trained_run,
+        img_size=64,
+        calibration="train",
+        calibration_images=120,
+        reported_images=120,
+        budget_gmacs=0.06,
+        stage_gmacs=STAGE_GMACS,
+        exit_top1=[100.0 * float(np.mean(p.argmax(-1) == reported[1])) for p in reported[0]],
+        curve=curve,
+        msdnet=best_within(curve, 0.06),
+        optuna=score_point([0.7, 0.6, -math.inf], calib, reported, stage_macs),
+        reuse=ReuseAblation(epochs=1, steps_per_epoch=20, workers=1, trials=reuse),
     )
-    write_outputs(result, cfg, results / "dvt", parent_run_id=parent.info.run_id)
+    write_outputs(record, results / "dvt" / DVT_VARIANT)
     return parent.info.run_id, trials
 
 

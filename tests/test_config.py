@@ -208,7 +208,7 @@ def _declared(root: Path) -> dict[str, list[str]]:
     for name, stage in stages.items():
         body = stage.get("do", stage)
         out[name] = [
-            p.replace("${key}", "{variant}").replace("${dvt.variant}", "{dvt_variant}")
+            p.replace("${key}", "{variant}").replace("${item}", "{variant}")
             for p in body.get("params", [])
         ]
     return out
@@ -227,7 +227,6 @@ def test_declared_params_exist_in_config(root: Path) -> None:
     for params in _declared(root).values():
         for key in params:
             node = cfg
-            key = key.replace("{dvt_variant}", cfg["dvt"]["variant"])
             for part in key.replace("{variant}", variant).split("."):
                 assert part in node, f"{key} is declared in dvc.yaml but is not a config key"
                 node = node[part]
@@ -238,7 +237,9 @@ def test_no_hyperparameter_in_cmd(root: Path) -> None:
     for name, stage in stages.items():
         cmd = stage.get("do", stage)["cmd"]
         extra = cmd.split()[3:]  # after "python -m stages.x"
-        assert extra in ([], ["--variant", "${key}"]), f"stage {name} passes {extra} outside params.yaml"
+        assert extra in ([], ["--variant", "${key}"], ["--variant", "${item}"], ["--name", "${key}"]), (
+            f"stage {name} passes {extra} outside params.yaml"
+        )
 
 
 def test_config_is_immutable(root: Path) -> None:

@@ -60,8 +60,27 @@ def test_parameter_counts_match_the_authors_code(key: str) -> None:
         model = timm.create_model(row["model"], img_size=row["img_size"], num_classes=1000)
     all_params, trainable = count_params(model)
     assert all_params == row["params_all"]
-    # A ViT has no frozen tensors, so the SPEC leaves its trainable column empty.
+    # A ViT has no frozen tensors, so PAPER leaves its trainable column empty.
     assert trainable == (row["params_trainable"] or row["params_all"])
+
+
+#: The authors' README table of released models (github.com/yitu-opensource/T2T-ViT): ImageNet-1k top-1.
+README_TOP1 = {
+    "t2t_vit_7": 71.7, "t2t_vit_10": 75.2, "t2t_vit_12": 76.5,
+    "t2t_vit_14": 81.5, "t2t_vit_19": 81.9, "t2t_vit_24": 82.3,
+    "t2t_vit_t_14": 81.7, "t2t_vit_t_19": 82.4, "t2t_vit_t_24": 82.6,
+    "t2t_vit_14@384": 83.3,
+}  # fmt: skip
+
+
+def test_every_t2t_vit_variant_has_its_published_top1_and_source() -> None:
+    assert {k for k in PAPER if PAPER[k]["model"] in T2T_MODELS} == set(README_TOP1)
+    for key, top1 in README_TOP1.items():
+        assert PAPER[key]["top1"] == top1, key
+        assert "github.com/yitu-opensource/T2T-ViT README" in PAPER[key]["top1_source"], key
+    for key in ("t2t_vit_14", "t2t_vit_14@384", "t2t_vit_24"):  # also in the paper's ViT comparison
+        assert "arXiv:2101.11986" in PAPER[key]["top1_source"], key
+    assert all((row["top1"] is None) == (row["top1_source"] is None) for row in PAPER.values())
 
 
 @pytest.mark.parametrize(("img_size", "tokens"), [(64, 16), (224, 196), (384, 576)])

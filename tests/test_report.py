@@ -46,7 +46,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> StudyFiles:
 def built(study: StudyFiles) -> Path:
     """The report of the whole study, built once."""
     out = study.base / "reports"
-    build_report(study.results, [v[0] for v in VARIANTS], study.uri, out, ui_url=UI)
+    build_report(study.results, [v[0] for v in VARIANTS], study.uri, out, cascades=[DVT_VARIANT], ui_url=UI)
     return out
 
 
@@ -85,7 +85,7 @@ def test_every_output_dvc_yaml_declares_is_written(root: Path, built: Path) -> N
 def test_tables_are_markdown_csv_and_parquet_with_the_same_rows(built: Path) -> None:
     import pyarrow.parquet as pq
 
-    for name in ("comparison", "paper_t2t_vs_vit", "cnn_to_vit", "dvt_budgets", "dvt_reuse"):
+    for name in ("comparison", "paper_t2t_vs_vit", "cnn_to_vit", "dvt_budgets", "dvt_speed", "dvt_reuse"):
         rows = _csv(built / f"{name}.csv")
         table = pq.read_table(built / f"{name}.parquet")
         assert table.column_names == list(rows[0]) and table.num_rows == len(rows) > 0, name
@@ -200,12 +200,15 @@ def test_the_stage_fails_in_one_line_naming_the_file_and_the_run(
 
 
 def test_dvt_tuned_on_another_training_is_stale_and_not_shown(study: StudyFiles, tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+    from dataclasses import replace
+
+    from pipeline.dvt.records import TuneRecord
 
     s = study.copy(tmp_path / "study")
-    MlflowClient(s.uri).set_tag(s.tune_run, "trained_run_id", s.stale_run)
-    result = collect(s.results, [v[0] for v in VARIANTS], s.uri)
-    assert result.dvt.status == "stale" and s.stale_run in result.dvt.note
+    path = s.results / "dvt" / DVT_VARIANT / "best.yaml"
+    replace(TuneRecord.read(path), trained_run_id=s.stale_run).write(path)
+    result = collect(s.results, [v[0] for v in VARIANTS], s.uri, cascades=[DVT_VARIANT, "dvt_never_tuned"])
+    assert [d.status for d in result.dvt] == ["stale", "missing"] and s.stale_run in result.dvt[0].note
 
     from pipeline.report.dvt import dvt_budget_table, dvt_reuse_table
 
@@ -235,7 +238,23 @@ def test_paper_numbers_only_beside_the_papers_model(built: Path) -> None:
     }
     assert md["vit_7"].count(DEMO_SCALE) == 3 and md["dvt_t2t_vit_7"].count(DEMO_SCALE) == 3
     assert "| 81.5 | 21.5 | 4.8 |" in md["t2t_vit_14"]
-    assert "n/a (paper at 224 px)" in md["t2t_vit_7"] and "not published" in md["t2t_vit_7"]
+    assert "n/a (paper at 224 px)" in md["t2t_vit_7"] and "| 71.7 | 4.2 |" in md["t2t_vit_7"]
+    assert float(t7["paper_top1"]) == 71.7  # published in the authors' README, not in the paper
+    assert "top-1 from github.com/yitu-opensource/T2T-ViT" in t7["paper_note"]
+    assert "not published" not in (built / "comparison.md").read_text()
+
+
+def test_every_published_t2t_vit_top1_is_in_the_report_with_its_source(built: Path) -> None:
+    rows = {r["paper_model"]: r for r in _csv(built / "paper_t2t_vs_vit.csv")}
+    t2t = [key for key, entry in PAPER.items() if entry["model"].startswith("t2t_vit_") and key in rows]
+    assert set(t2t) >= {"t2t_vit_7", "t2t_vit_10", "t2t_vit_12", "t2t_vit_14", "t2t_vit_14@384", "t2t_vit_19",
+                        "t2t_vit_24", "t2t_vit_t_14", "t2t_vit_t_19", "t2t_vit_t_24"}  # fmt: skip
+    for key in t2t:
+        assert float(rows[key]["top1"]) == PAPER[key]["top1"], key
+        source = rows[key]["top1_source"]
+        assert source == PAPER[key]["top1_source"] and ("2101.11986" in source or "README" in source), key
+    md = (built / "paper_t2t_vs_vit.md").read_text()
+    assert "| T2T-ViT_t-24 | 224 | 82.6 |" in md and "github.com/yitu-opensource/T2T-ViT README" in md
 
 
 def test_every_measured_row_names_its_counting_convention(built: Path) -> None:
@@ -272,36 +291,40 @@ def test_paper_table_lists_the_variants_training_each_model(built: Path) -> None
 # -- DVT ---------------------------------------------------------------------------------------------
 
 
-def test_dvt_accuracy_at_each_budget_is_the_best_sweep_point_within_it(
+def test_dvt_accuracy_at_each_budget_is_the_calibration_best_sweep_point_within_it(
     built: Path, study: StudyFiles
 ) -> None:
-    curve = [r for r in _csv(study.results / "dvt" / "curve.csv") if r["source"] == "msdnet"]
+    from pipeline.dvt.records import TuneRecord
+
+    record = TuneRecord.read(study.results / "dvt" / DVT_VARIANT / "best.yaml")
     rows = _csv(built / "dvt_budgets.csv")
     full = sum(STAGE_GMACS)
-    budgets = [r for r in rows if r["point"].startswith("best")]
+    budgets = [r for r in rows if r["key"].startswith("budget_")]
     assert [float(r["budget_fraction"]) for r in budgets] == list(BUDGET_FRACTIONS)
     for r in budgets:
         budget = float(r["budget_fraction"]) * full
-        fits = [p for p in curve if float(p["avg_gmacs"]) <= budget + 1e-12]
+        fits = [p for p in record.curve if p.calib_avg_gmacs <= budget + 1e-12]
         if not fits:
             assert r["top1"] == ""
             continue
-        best = max(float(p["accuracy"]) for p in fits)
-        assert float(r["top1"]) == pytest.approx(best) and float(r["avg_gmacs"]) <= budget + 1e-12
+        assert float(r["calib_top1"]) == pytest.approx(max(p.calib_accuracy for p in fits))
         assert sum(float(r[f"exit{k}"]) for k in (1, 2, 3)) == pytest.approx(1.0)
+        # calibration: train, so every static model is on the same (all val) images
         static = [(top1, n) for n, _, _, _, _, macs, top1 in VARIANTS if n != DVT_VARIANT and macs <= budget]
         assert r["static_variant"] == (max(static)[1] if static else "none")
-    best_yaml = yaml.safe_load((study.results / "dvt" / "best.yaml").read_text())
-    tuned = {r["point"]: r for r in rows if r["point"].startswith("tuned")}
-    for search, row in zip(("msdnet", "optuna"), tuned.values(), strict=True):
-        assert float(row["top1"]) == pytest.approx(best_yaml["thresholds"][search]["test_accuracy"])
-        assert float(row["eta1"]) == pytest.approx(best_yaml["thresholds"][search]["thresholds"][0])
-    exits = [r for r in rows if r["point"].startswith("exit")]
+    tuned = {r["key"]: r for r in rows if r["key"] in ("msdnet", "optuna")}
+    for search, row in tuned.items():
+        assert float(row["top1"]) == pytest.approx(getattr(record, search).accuracy)
+        assert float(row["eta1"]) == pytest.approx(getattr(record, search).thresholds[0])
+    exits = [r for r in rows if r["key"].startswith("exit")]
     for k, r in enumerate(exits, start=1):
-        assert float(r["top1"]) == pytest.approx(64.0 - 4 * (3 - k))  # val_top1_exit<k>, last epoch
+        assert float(r["top1"]) == pytest.approx(record.exit_top1[k - 1])  # on the reported images
         assert float(r["avg_gmacs"]) == pytest.approx(sum(STAGE_GMACS[:k]))
-        assert r["paper_gmacs"] == "" and r["run_id"] == study.runs[DVT_VARIANT]
+        assert r["paper_top1"] == "" and r["run_id"] == study.tune_run
     assert DEMO_SCALE in (built / "dvt_budgets.md").read_text()
+    assert "all 120 val images (thresholds calibrated on 120 training images)" in (
+        built / "dvt_budgets.md"
+    ).read_text()
     assert set(DVT_PAPER) >= {"dvt_t2t_vit_12"}
 
 
@@ -314,14 +337,16 @@ def test_reuse_ablation_has_every_combination(built: Path, study: StudyFiles) ->
         ("False", "False"),
     ]
     assert [float(r["delta_pts"]) for r in rows] == [0.0, -2.0, -4.0, -6.0]
-    assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
-    assert [r["run_id"] for r in rows] == [study.trials[r["combination"]] for r in rows]
-    # The caption says how little each trial trained (results/dvt/best.yaml records it).
+    assert [float(r["paper_delta_pts"]) for r in rows] == [0.0, -2.0, -2.0, -4.0]
+    names = {run_id: name for name, run_id in study.trials.items()}
+    flags = (("on", "on"), ("on", "off"), ("off", "on"), ("off", "off"))
+    assert [names[r["run_id"]] for r in rows] == [f"feature reuse {f}, relation reuse {r}" for f, r in flags]
+    # The caption says how little each trial trained (the record holds it).
     assert "1 epoch(s) of at most 20 optimizer steps on 1 worker(s)" in (built / "dvt_reuse.md").read_text()
     budget_rows = _csv(built / "dvt_budgets.csv")
-    assert {r["run_id"] for r in budget_rows if not r["point"].startswith("exit")} == {study.tune_run}
-    metrics = json.loads((built / "metrics.json").read_text())["dvt"]
-    assert metrics["reuse_top1"]["feature=on,relation=on"] == 40.0
+    assert {r["run_id"] for r in budget_rows} == {study.tune_run}
+    metrics = json.loads((built / "metrics.json").read_text())["dvt"][DVT_VARIANT]
+    assert metrics["reuse_top1"]["feature1_relation1"] == 40.0
     assert {"budget_100pct", "msdnet", "optuna", "exit1", "exit3"} <= set(metrics)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import UI, VARIANTS, make_study, parse_page
+from helpers import DVT_VARIANT, UI, VARIANTS, make_study, parse_page
 from PIL import Image
 
 from pipeline.report import FIGURES, build_report
@@ -39,7 +39,15 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-TABLES = ["comparison", "paper_t2t_vs_vit", "cnn_to_vit", "dvt_budgets", "dvt_reuse", "provenance"]
+TABLES = [
+    "comparison",
+    "paper_t2t_vs_vit",
+    "cnn_to_vit",
+    "dvt_budgets",
+    "dvt_speed",
+    "dvt_reuse",
+    "provenance",
+]
 NO_NETWORK = re.compile(
     r"Temporary failure (in name )?resolv|Could not resolve|Network is unreachable|No route to host|"
     r"Failed to fetch|Could not connect|Connection (timed out|refused|failed)|Unable to connect",
@@ -216,7 +224,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("html")
     study = make_study(base / "study")
     out = base / "reports"
-    build_report(study.results, [v[0] for v in VARIANTS], study.uri, out, ui_url=UI)
+    build_report(study.results, [v[0] for v in VARIANTS], study.uri, out, cascades=[DVT_VARIANT], ui_url=UI)
     return out / "index.html"
 
 

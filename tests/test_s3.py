@@ -260,7 +260,7 @@ def test_train_variant_trains_from_s3_shards_with_ray(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [0]
 
     # What tune_dvt reads back: the final weights with the RunSpec, whose shards is the URI unchanged.
-    from pipeline.tune import load_final_state
+    from pipeline.dvt.study import load_final_state
 
     state = load_final_state(f"sqlite:///{tmp_path / 'mlflow.db'}", record["run_id"])
     assert state["config"]["shards"] == s3_shards

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from pipeline.config import AugmentConfig, DVTConfig, TrainConfig
+from pipeline.dvt.search import REUSE_COMBINATIONS, ReuseCombination, TuneContext, search_reuse
 from pipeline.train.loop import RunSpec
-from pipeline.tune import REUSE_COMBINATIONS, _search_reuse, combo_name
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory):
     ids=["in-trial-process", "torch-trainer-ddp"],
 )
 def test_each_reuse_combination_is_one_trial_and_one_child_run(
-    local_ray: None, tiny_shards: Path, tmp_path: Path, workers: int, combos: list[dict[str, bool]]
+    local_ray: None, tiny_shards: Path, tmp_path: Path, workers: int, combos: list[ReuseCombination]
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -54,18 +53,20 @@ def test_each_reuse_combination_is_one_trial_and_one_child_run(
                         augment=AugmentConfig(scale_min=0.5))  # fmt: skip
     base = RunSpec(variant="dvt_tiny", model="dvt_t2t_vit_12", train=train, shards=str(tiny_shards),
                    num_classes=4, model_kwargs=TINY_DVT, tracking_uri=uri)  # fmt: skip
-    dvt = DVTConfig(variant="dvt_tiny", budget_gmacs=1.0, reuse_epochs=2, reuse_steps_per_epoch=2,
+    dvt = DVTConfig(variants=["dvt_tiny"], budget_gmacs=1.0, reuse_epochs=2, reuse_steps_per_epoch=2,
                     reuse_workers=workers, max_concurrent_trials=2)  # fmt: skip
-    common = {"parent_run_id": parent, "experiment_id": experiment, "storage_path": str(tmp_path / "ray")}
+    context = TuneContext(parent, experiment, uri, str(tmp_path / "ray"))
 
-    table = _search_reuse(SimpleNamespace(dvt=dvt), base, common, combos)
+    trials = search_reuse(dvt, base, context, combos)
 
-    assert set(table) == {combo_name(c) for c in combos}
-    for scores in table.values():
-        assert 0 <= scores["val_top1"] <= 100
-        assert {f"val_top1_exit{k}" for k in (1, 2, 3)} <= set(scores)
+    assert [(t.feature_reuse, t.relation_reuse) for t in trials] == [
+        (c.feature_reuse, c.relation_reuse) for c in combos
+    ]
+    for trial in trials:
+        assert 0 <= trial.val_top1 <= 100 and len(trial.exit_top1) == 3
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == sorted(table)
+    assert sorted(r.info.run_id for r in children) == sorted(t.run_id for t in trials)
+    assert sorted(r.info.run_name for r in children) == sorted(c.name for c in combos)
     for run in children:
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "val_top1")
@@ -80,7 +81,7 @@ def test_a_reuse_trial_too_big_for_the_local_cluster_fails_at_once(
                         num_workers=2, augment=AugmentConfig(scale_min=0.5))  # fmt: skip
     base = RunSpec(variant="dvt_tiny", model="dvt_t2t_vit_12", train=train, shards=str(tiny_shards),
                    num_classes=4, model_kwargs=TINY_DVT)  # fmt: skip
-    dvt = DVTConfig(variant="dvt_tiny", budget_gmacs=1.0, reuse_epochs=1, reuse_workers=2)
-    common = {"parent_run_id": "-", "experiment_id": "-", "storage_path": str(tmp_path / "ray")}
+    dvt = DVTConfig(variants=["dvt_tiny"], budget_gmacs=1.0, reuse_epochs=1, reuse_workers=2)
+    context = TuneContext("-", "-", "sqlite://", str(tmp_path / "ray"))
     with pytest.raises(ValueError, match=r"2\.01 CPU \(the cluster has 2\).*dvt\.reuse_workers=2"):
-        _search_reuse(SimpleNamespace(dvt=dvt), base, common)
+        search_reuse(dvt, base, context)

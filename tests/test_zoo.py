@@ -74,6 +74,14 @@ def test_rows_with_the_authors_code_deviate_by_nothing(zoo_dir: Path) -> None:
     assert rows["vit_dn_paper"]["ref_params_source"] == "paper"
 
 
+def test_every_t2t_vit_row_has_the_published_top1_and_its_source(zoo_dir: Path) -> None:
+    with open(zoo_dir / "zoo.csv", newline="") as fh:
+        rows = {row["model"]: row for row in csv.DictReader(fh)}
+    for name in timm.list_models(module="t2t_vit"):
+        assert float(rows[name]["paper_top1"]) == PAPER[name]["top1"], name
+        assert rows[name]["paper_top1_source"] == PAPER[name]["top1_source"], name
+
+
 def test_markdown_states_the_counting_conventions(zoo_dir: Path) -> None:
     text = (zoo_dir / "zoo.md").read_text()
     assert "all-matmul" in text and "224x224" in text

@@ -1,15 +1,15 @@
 """The study's report: the current DVC outputs and their MLflow runs -> tables, figures and one HTML page.
 
 Rows come only from ``results/<variant>.json`` of the variants in the current params, each naming
-its MLflow run, and from ``results/dvt/`` (the tune_dvt stage); stale or unrelated runs in the same
-store never appear (:mod:`pipeline.report.collect`). Numbers are read back from MLflow, the record
+its MLflow run, and from ``results/dvt/<cascade>/`` (the tune_dvt stages); stale or unrelated runs
+in the same store never appear (:mod:`pipeline.report.collect`). Numbers are read back from MLflow, the record
 of truth, not from the results files.
 
 Written under the output folder (``reports/``), all described in docs/report.md:
 
 * tables (:mod:`~pipeline.report.tables`), each as ``.md``, ``.csv`` and ``.parquet``:
   ``comparison`` (T2T-ViT against ViT, one row per variant, the paper beside it),
-  ``paper_t2t_vs_vit``, ``cnn_to_vit``, ``dvt_budgets``, ``dvt_reuse``;
+  ``paper_t2t_vs_vit``, ``cnn_to_vit``, ``dvt_budgets``, ``dvt_speed``, ``dvt_reuse``;
 * figures (:mod:`~pipeline.report.plots`), each as ``.png`` and ``.svg``: ``accuracy_vs_macs``,
   ``accuracy_vs_params``, ``dvt_vs_static``, ``dvt_exits``, ``training_curves``;
 * ``curves/<variant>.csv``: per-epoch metrics of each run (for ``dvc plots``);
@@ -59,13 +59,20 @@ def write_curves(study: Study, folder: Path) -> None:
 
 
 def build_report(
-    results_dir: Path, variants: Sequence[str], tracking_uri: str, out: Path, *, ui_url: str | None = None
+    results_dir: Path,
+    variants: Sequence[str],
+    tracking_uri: str,
+    out: Path,
+    *,
+    cascades: Sequence[str] = (),
+    ui_url: str | None = None,
 ) -> Study:
     """Collect the current study and write every table, figure and the HTML page under ``out``.
 
     Args:
         results_dir: The ``results/`` folder (train stages' ``<variant>.json``, tune_dvt's ``dvt/``).
         variants: The variants of the current params, in order.
+        cascades: The tuned cascades (``dvt.variants``), in order.
         tracking_uri: The MLflow store.
         out: Output folder (``reports/``), created if needed.
         ui_url: MLflow UI address for the run links (default: ``MLFLOW_UI_URL`` or
@@ -77,7 +84,7 @@ def build_report(
     Raises:
         ReportError: A results file names an MLflow run the store does not have.
     """
-    study = collect(results_dir, variants, tracking_uri, base=ui_url)
+    study = collect(results_dir, variants, tracking_uri, cascades=cascades, base=ui_url)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(study)
     for table in tables:
@@ -87,10 +94,11 @@ def build_report(
     figures = write_figures(study, out)
     page = write_html(study, tables, figures, out)
     log.info(
-        "report: %d of %d variants measured, DVT %s -> %s",
+        "report: %d of %d variants measured, %d of %d DVT cascades tuned -> %s",
         len(study.measured),
         len(study.variants),
-        study.dvt.status,
+        len(study.tuned),
+        len(study.dvt),
         page.resolve(),
     )
     return study

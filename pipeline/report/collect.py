@@ -1,27 +1,32 @@
 """What the report reads: the current DVC outputs, and the MLflow runs they name.
 
 Only ``results/<variant>.json`` of the variants in the current params are read, each naming the
-MLflow run that produced it, and ``results/dvt/best.yaml`` naming the DVT tuning run; nothing is
-searched for in the store, so stale or unrelated runs (an older training of the same variant, other
-experiments) never appear. A variant without a results file is reported as missing; a results file
-whose run is gone from the store is an error, as the study cannot be traced any more.
+MLflow run that produced it, and ``results/dvt/<cascade>/best.yaml``, each cascade's tuning record
+naming its run; nothing is searched for in the store, so stale or unrelated runs (an older training
+of the same variant, other experiments) never appear. A variant without a results file is reported
+as missing; a results file whose run is gone from the store is an error, as the study cannot be
+traced any more.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from pipeline.dvt.records import TuneRecord
+
 log = logging.getLogger(__name__)
+
+#: The record each tune_dvt stage writes under ``results/dvt/<cascade>/``.
+RECORD = "best.yaml"
 
 #: Where ``./run ui`` serves the MLflow UI; ``MLFLOW_UI_URL`` overrides it.
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
@@ -115,31 +120,27 @@ class VariantResult:
 
 @dataclass(frozen=True)
 class DVTResult:
-    """The ``tune_dvt`` stage's outputs (``results/dvt/``) and its MLflow run.
+    """One ``tune_dvt@<variant>`` stage's record (``results/dvt/<variant>/best.yaml``) and its MLflow run.
 
-    ``status`` is ``missing`` without ``best.yaml``, and ``stale`` when the tuning was done on a
-    training run other than the one ``results/<variant>.json`` now names (or on a variant that is
-    no longer in params); only ``ok`` results are reported.
+    ``status`` is ``missing`` without the record, and ``stale`` when the tuning was done on a training
+    run (of the cascade or of its static backbone) other than the one ``results/<variant>.json`` now
+    names, or on a variant no longer trained; only ``ok`` results are reported.
     """
 
     status: Literal["ok", "missing", "stale"]
+    variant: str
     note: str = ""
-    variant: str = ""
-    best: dict[str, Any] = field(default_factory=dict)
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    run_id: str = ""
+    record: TuneRecord | None = None
     url: str = ""
-    trials: dict[str, dict[str, str]] = field(default_factory=dict)
-    """The reuse ablation's trial runs (children of the tuning run) by combination name: run id and URL."""
+    experiment_id: str = ""
 
     @property
-    def stage_gmacs(self) -> list[float]:
-        return [float(g) for g in self.best.get("stage_gmacs", [])]
+    def run_id(self) -> str:
+        return self.record.run_id if self.record is not None else ""
 
-    @property
-    def full_gmacs(self) -> float:
-        """Cost of an image that runs every stage (the last exit)."""
-        return float(sum(self.stage_gmacs))
+    def trial_url(self, base: str, run_id: str) -> str:
+        """The MLflow UI page of one of the tuning's child runs."""
+        return run_url(base, self.experiment_id, run_id) if run_id else ""
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class Study:
     """Everything the report shows, read once."""
 
     variants: list[VariantResult]
-    dvt: DVTResult
+    dvt: list[DVTResult]
+    """One per cascade of ``dvt.variants``, in that order."""
     tracking_uri: str
     ui_base: str
     experiment: str = ""
@@ -158,6 +160,11 @@ class Study:
 
     def find(self, variant: str) -> VariantResult | None:
         return next((v for v in self.variants if v.variant == variant), None)
+
+    @property
+    def tuned(self) -> list[DVTResult]:
+        """The cascades whose tuning is current (status ``ok``)."""
+        return [d for d in self.dvt if d.status == "ok"]
 
 
 def _parse_value(text: str) -> Any:
@@ -258,73 +265,59 @@ def read_variant(client: Any, results_dir: Path, variant: str, tracking_uri: str
     return VariantResult(variant, path, measured)
 
 
-def _float(text: str) -> float | None:
-    if text in ("", "None", None):
-        return None
-    return float(text)  # "inf" / "-inf" parse too
-
-
-def read_curve(path: Path) -> list[dict[str, Any]]:
-    """``results/dvt/curve.csv``: one dict per point, numbers as floats (None where empty)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return [{k: (v if k == "source" else _float(v)) for k, v in row.items()} for row in rows]
-
-
 def read_dvt(
-    client: Any, results_dir: Path, variants: dict[str, VariantResult], tracking_uri: str, base: str
+    client: Any,
+    results_dir: Path,
+    cascade: str,
+    variants: dict[str, VariantResult],
+    tracking_uri: str,
+    base: str,
 ) -> DVTResult:
-    """The DVT tuning outputs if present and made from the current training of their variant."""
-    folder = results_dir / "dvt"
-    best_path, curve_path = folder / "best.yaml", folder / "curve.csv"
-    if not best_path.is_file():
-        log.warning("%s is missing: the tune_dvt stage has not run; DVT reported as missing", best_path)
-        return DVTResult("missing", note=f"{best_path.name} is missing: the tune_dvt stage has not run")
-    best = yaml.safe_load(best_path.read_text()) or {}
-    variant, run_id = best.get("variant", ""), best.get("mlflow_run_id", "")
-    if not run_id:
-        raise ReportError(f"{best_path} names no MLflow run (no mlflow_run_id); re-run tune_dvt")
-    run = _get_run(client, run_id, best_path, tracking_uri, "tune_dvt")
-    url = run_url(base, run.info.experiment_id, run_id)
-    current = variants.get(variant)
-    trained = run.data.tags.get("trained_run_id")
-    if current is None or current.measured is None:
-        note = f"tuned variant {variant!r} is not a trained variant of the current params"
-        log.warning("%s: %s; DVT reported as stale", best_path, note)
-        return DVTResult("stale", note=note, variant=variant, run_id=run_id, url=url)
-    if trained and trained != current.measured.run_id:
-        note = (
-            f"tuned on training run {trained}, but {current.results_file.name} names run "
-            f"{current.measured.run_id}: re-run tune_dvt"
-        )
-        log.warning("%s: %s", best_path, note)
-        return DVTResult("stale", note=note, variant=variant, run_id=run_id, url=url)
-    if not curve_path.is_file():
-        raise ReportError(f"{best_path} exists but {curve_path} is missing; re-run tune_dvt")
-    children = client.search_runs(
-        [run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.dvt_trial = 'reuse'",
-    )
-    trials = {
-        c.info.run_name: {
-            "run_id": c.info.run_id,
-            "run_url": run_url(base, c.info.experiment_id, c.info.run_id),
-        }
-        for c in children
-    }
-    return DVTResult(
-        "ok", variant=variant, best=best, curve=read_curve(curve_path), run_id=run_id, url=url, trials=trials
-    )
+    """One cascade's tuning record if present and made from the current trainings it used."""
+    path = results_dir / "dvt" / cascade / RECORD
+    if not path.is_file():
+        log.warning("%s is missing: tune_dvt@%s has not run; reported as missing", path, cascade)
+        return DVTResult("missing", cascade, note=f"{path} is missing: tune_dvt@{cascade} has not run")
+    try:
+        record = TuneRecord.read(path)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
+    run = _get_run(client, record.run_id, path, tracking_uri, f"tune_dvt@{cascade}")
+    url = run_url(base, run.info.experiment_id, record.run_id)
+    used = {cascade: record.trained_run_id}
+    if record.static is not None:
+        used[record.static.variant] = record.static.run_id
+    for variant, run_id in used.items():
+        current = variants.get(variant)
+        if current is None or current.measured is None:
+            note = f"tuned with {variant!r}, which is not a trained variant of the current params"
+        elif current.measured.run_id != run_id:
+            note = (
+                f"tuned with training run {run_id} of {variant}, but {current.results_file.name} names run "
+                f"{current.measured.run_id}: re-run tune_dvt@{cascade}"
+            )
+        else:
+            continue
+        log.warning("%s: %s; reported as stale", path, note)
+        return DVTResult("stale", cascade, note=note, url=url, experiment_id=run.info.experiment_id)
+    return DVTResult("ok", cascade, record=record, url=url, experiment_id=run.info.experiment_id)
 
 
 def collect(
-    results_dir: Path, variants: Sequence[str], tracking_uri: str, *, base: str | None = None
+    results_dir: Path,
+    variants: Sequence[str],
+    tracking_uri: str,
+    *,
+    cascades: Sequence[str] = (),
+    base: str | None = None,
 ) -> Study:
-    """Read the current study: one :class:`VariantResult` per variant (in params order) and DVT.
+    """Read the current study: one :class:`VariantResult` per variant (in params order) and one
+    :class:`DVTResult` per tuned cascade.
 
     Args:
-        results_dir: The train stages' ``results/`` folder (with ``dvt/`` from tune_dvt).
+        results_dir: The train stages' ``results/`` folder (with ``dvt/<cascade>/`` from tune_dvt).
         variants: The variants of the current params, in order.
+        cascades: ``dvt.variants`` of the current params.
         tracking_uri: The MLflow store the runs were logged to.
         base: MLflow UI address for links (default :func:`ui_base`).
 
@@ -336,7 +329,8 @@ def collect(
     base = (base or ui_base()).rstrip("/")
     client = MlflowClient(tracking_uri)
     results = [read_variant(client, results_dir, v, tracking_uri, base) for v in variants]
-    dvt = read_dvt(client, results_dir, {r.variant: r for r in results}, tracking_uri, base)
+    by_name = {r.variant: r for r in results}
+    dvt = [read_dvt(client, results_dir, c, by_name, tracking_uri, base) for c in cascades]
     experiments = {r.measured.experiment_id for r in results if r.measured is not None}
     names = sorted(client.get_experiment(e).name for e in experiments)
     return Study(results, dvt, tracking_uri, base, experiment=", ".join(names))

@@ -113,16 +113,15 @@ def provenance_table(study: Study) -> Table:
                 counting=counting(m.img_size),
             )
         table.rows.append(row)
-    if study.dvt.run_id:
-        table.rows.append(
-            {
-                "variant": f"DVT tuning ({study.dvt.variant})",
-                "results_file": "results/dvt/best.yaml",
-                "status": study.dvt.status,
-                "run_id": study.dvt.run_id,
-                "run_url": study.dvt.url,
-            }
-        )
+    for dvt in study.dvt:
+        row = {
+            "variant": f"DVT tuning ({dvt.variant})",
+            "results_file": f"results/dvt/{dvt.variant}/best.yaml",
+            "status": dvt.status,
+        }
+        if dvt.record is not None:
+            row.update(run_id=dvt.run_id, run_url=dvt.url, counting=counting(dvt.record.img_size))
+        table.rows.append(row)
     return table
 
 
@@ -143,7 +142,7 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
         (
             "dvt",
             "DVT: dynamic tokens under a budget",
-            [t["dvt_budgets"], f["dvt_vs_static"], f["dvt_exits"], t["dvt_reuse"]],
+            [t["dvt_budgets"], f["dvt_vs_static"], t["dvt_speed"], f["dvt_exits"], t["dvt_reuse"]],
         ),
         ("training", "Training curves", [f["training_curves"]]),
         ("provenance", "Provenance and counting", [provenance_table(study)]),
@@ -160,8 +159,10 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
         "attention products) at the training resolution. The papers' numbers are ImageNet-1k at 224 px "
         "unless noted.</p>",
     ]
-    if study.dvt.status != "ok":
-        body.append(f'<p class="note">DVT results {escape(study.dvt.status)}: {escape(study.dvt.note)}</p>')
+    for dvt in study.dvt:
+        if dvt.status != "ok":
+            note = f"DVT {dvt.variant} {dvt.status}: {dvt.note}"
+            body.append(f'<p class="note">{escape(note)}</p>')
     body.append("</header><nav><ul>")
     body += [f'<li><a href="#{sid}">{escape(title)}</a></li>' for sid, title, _ in sections]
     body.append("</ul></nav>")

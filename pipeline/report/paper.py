@@ -78,7 +78,13 @@ CNN_TO_VIT_ROWS = (
     ("T2T-ViT", "t2t_vit_16_ghost", "ghost operation (GhostNet)"),
 )
 
-#: Fractions of the full cascade's cost at which DVT's accuracy is tabulated.
+#: T2T-ViT models whose top-1 only the authors' README prints (the paper's tables leave them out),
+#: shown after the paper's own rows in the published table.
+README_ONLY_ROWS = ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12", "t2t_vit_19", "t2t_vit_t_14", "t2t_vit_t_19",
+                    "t2t_vit_t_24")  # fmt: skip
+
+#: What the paper-top-1 cell of a DVT cascade says: the DVT paper publishes a curve, not one number.
+DVT_TOP1 = "a curve: see the DVT tables"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class PaperRow:
     top1: float | None
     params_m: float | None
     macs_g: float | None
+    top1_source: str | None = None
+    """Where ``top1`` is printed (the paper, the authors' README, or both)."""
 
 
 def paper_row(key: str) -> PaperRow:
@@ -109,7 +117,9 @@ def paper_row(key: str) -> PaperRow:
             round(sum(entry["stage_macs_g"]), 3),
         )
     e = PAPER[key]
-    return PaperRow(key, PAPER_NAMES.get(key, key), e["img_size"], e["top1"], e["params_m"], e["macs_g"])
+    return PaperRow(
+        key, PAPER_NAMES.get(key, key), e["img_size"], e["top1"], e["params_m"], e["macs_g"], e["top1_source"]
+    )
 
 
 def paper_key_for(model: str, img_size: int | None) -> str | None:
@@ -127,6 +137,8 @@ def paper_key_for(model: str, img_size: int | None) -> str | None:
 
 def paper_beside(m: Measured) -> tuple[dict[str, Any], dict[str, str]]:
     """The paper columns of a measured row, and the notes shown where a number is not comparable."""
+    from pipeline.models.dvt import DVT_PAPER
+
     key = paper_key_for(m.model, m.img_size)
     empty = {
         "paper_model": None,
@@ -153,7 +165,11 @@ def paper_beside(m: Measured) -> tuple[dict[str, Any], dict[str, str]]:
         "paper_macs_g": p.macs_g,
     }
     display, notes = {}, [f"paper: ImageNet-1k, {p.img_size} px"]
-    if p.top1 is None:
+    if p.top1 is not None:
+        notes.append(f"top-1 from {p.top1_source}")
+    elif key in DVT_PAPER:
+        display["paper_top1"] = DVT_TOP1
+    else:
         display["paper_top1"] = "not published"
     if p.img_size != m.img_size:
         values["paper_macs_g"] = None

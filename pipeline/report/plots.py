@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.dvt.points import best_within
 from pipeline.report.collect import Study
-from pipeline.report.dvt import BUDGET_FRACTIONS, best_point
+from pipeline.report.dvt import BUDGET_FRACTIONS, same_image_statics
 from pipeline.report.paper import CNN_TO_VIT_ROWS, T2T_VS_VIT_ROWS, PaperRow, paper_row
 
 log = logging.getLogger(__name__)
@@ -220,48 +221,47 @@ def _draw_accuracy(xkey: str, xlabel: str) -> Callable[[Any, Study], None]:
     return draw
 
 
+def _dvt_axes(fig: Any, study: Study) -> list[tuple[Any, Any]]:
+    """One axis per tuned cascade (a message instead when none is), paired with its result."""
+    if not study.tuned:
+        notes = "; ".join(f"{d.variant}: {d.status} ({d.note})" for d in study.dvt) or "no dvt.variants"
+        _message(fig.subplots(1, 1), f"No DVT results: {notes}")
+        return []
+    axes = fig.subplots(1, len(study.tuned), squeeze=False)[0]
+    return list(zip(axes, study.tuned, strict=True))
+
+
 def _draw_dvt(fig: Any, study: Study) -> None:
-    ax = fig.subplots(1, 1)
-    dvt = study.dvt
-    if dvt.status != "ok":
-        _message(ax, f"No DVT results ({dvt.status}): {dvt.note}")
-        return
-    sweep = sorted((p for p in dvt.curve if p["source"] == "msdnet"), key=lambda p: p["avg_gmacs"])
-    ax.plot(
-        [p["avg_gmacs"] for p in sweep],
-        [p["accuracy"] for p in sweep],
-        "-",
-        color="C2",
-        lw=1.2,
-        marker=".",
-        ms=4,
-        label=f"{dvt.variant}: MSDNet threshold sweep (held-out half)",
-    )
-    thresholds = dvt.best.get("thresholds", {})
-    for search, marker, color, label in (
-        ("msdnet", "D", "C2", "MSDNet rule, tuned for the budget"),
-        ("optuna", "*", "C3", "Optuna search, tuned for the budget"),
-    ):
-        t = thresholds.get(search)
-        if t:
+    for ax, dvt in _dvt_axes(fig, study):
+        r = dvt.record
+        sweep = sorted(r.curve, key=lambda p: p.avg_gmacs)
+        ax.plot(
+            [p.avg_gmacs for p in sweep],
+            [p.accuracy for p in sweep],
+            "-",
+            color="C2",
+            lw=1.2,
+            marker=".",
+            ms=4,
+            label="DVT, MSDNet threshold sweep",
+        )
+        tuned = [(r.msdnet, "D", "MSDNet rule for the budget"), (r.optuna, "*", "Optuna for the budget")]
+        if r.match_static is not None:
+            tuned.append((r.match_static, "P", "matching the backbone (calibration)"))
+        for point, marker, label in tuned:
             ax.scatter(
-                t["avg_gmacs"],
-                t["test_accuracy"],
+                point.avg_gmacs,
+                point.accuracy,
                 marker=marker,
                 s=120 if marker == "*" else 50,
-                color=color,
                 edgecolor="black",
                 linewidth=0.6,
                 zorder=4,
                 label=label,
             )
-    measured = study.find(dvt.variant).measured
-    labels = []
-    cumulative = 0.0
-    for k, stage in enumerate(dvt.stage_gmacs, start=1):
-        cumulative += stage
-        top1 = measured.metric(f"val_top1_exit{k}")
-        if top1 is not None:
+        labels, cumulative = [], 0.0
+        for k, (stage, top1) in enumerate(zip(r.stage_gmacs, r.exit_top1, strict=True), start=1):
+            cumulative += stage
             ax.scatter(
                 cumulative,
                 top1,
@@ -271,72 +271,60 @@ def _draw_dvt(fig: Any, study: Study) -> None:
                 edgecolors="C2",
                 linewidths=1.3,
                 zorder=3,
-                label="each exit alone (whole val split)" if k == 1 else None,
+                label="each exit alone" if k == 1 else None,
             )
             labels.append((cumulative, top1, f"exit {k}", {"color": "C2"}))
-    # Static models far costlier than the whole cascade would squash its curve: named, not drawn.
-    reach = 2.0 * dvt.full_gmacs
-    seen, off_axis = set(), []
-    for variant, m in study.measured:
-        x, y = m.metric("macs_g"), m.metric("val_top1")
-        if m.num_exits > 1 or x is None or y is None:
-            continue
-        if x > reach:
-            off_axis.append(f"{variant} ({x:.3g} G, {y:.1f} %)")
-            continue
-        fam = family(m.model)
-        ax.scatter(
-            x,
-            y,
-            s=60,
-            edgecolor="black",
-            linewidth=0.6,
-            zorder=4,
-            label=f"{fam} static (measured)" if fam not in seen else None,
-            **FAMILY_STYLE[fam],
-        )
-        seen.add(fam)
-        labels.append((x, y, variant, {}))
-    for fraction in BUDGET_FRACTIONS:
-        x = fraction * dvt.full_gmacs
-        ax.axvline(x, color="0.6", ls=":", lw=0.8)
-        ax.text(
-            x,
-            1.01,
-            f"{fraction:.0%}",
-            transform=ax.get_xaxis_transform(),
-            ha="center",
-            fontsize=7,
-            color="0.4",
-        )
-        best = best_point(dvt.curve, x)
-        if best is not None:
+        # Static models far costlier than the whole cascade would squash its curve: named, not drawn.
+        reach, seen, off_axis = 2.0 * r.full_gmacs, set(), []
+        for variant, top1, gmacs in same_image_statics(study, dvt):
+            if gmacs > reach:
+                off_axis.append(f"{variant} ({gmacs:.3g} G, {top1:.1f} %)")
+                continue
+            found = study.find(variant)
+            fam = family(found.measured.model) if found and found.measured else "T2T-ViT"
             ax.scatter(
-                best["avg_gmacs"],
-                best["accuracy"],
-                s=130,
-                facecolors="none",
-                edgecolors="0.3",
-                zorder=2,
-                label="best within 25/50/75/100 % of full cost" if fraction == BUDGET_FRACTIONS[0] else None,
+                gmacs,
+                top1,
+                s=60,
+                edgecolor="black",
+                linewidth=0.6,
+                zorder=4,
+                label=f"{fam} static" if fam not in seen else None,
+                **FAMILY_STYLE[fam],
             )
-    ax.set_xlabel("average MACs per image (G, all matmuls, training resolution)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("DVT over the static models: accuracy against average cost", pad=14)
-    if off_axis:
-        ax.text(
-            0.01,
-            0.01,
-            "beyond the x range: " + "; ".join(off_axis),
-            transform=ax.transAxes,
-            fontsize=7,
-            color="0.35",
-            va="bottom",
-        )
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    _place_labels(ax, labels)
-    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+            seen.add(fam)
+            labels.append((gmacs, top1, variant, {}))
+        for fraction in BUDGET_FRACTIONS:
+            x = fraction * r.full_gmacs
+            ax.axvline(x, color="0.6", ls=":", lw=0.8)
+            best = best_within(r.curve, x)
+            if best is not None:
+                ax.scatter(
+                    best.avg_gmacs,
+                    best.accuracy,
+                    s=130,
+                    facecolors="none",
+                    edgecolors="0.3",
+                    zorder=2,
+                    label="best within 25/50/75/100 % (calibration)" if fraction == 0.25 else None,
+                )
+        ax.set_xlabel("average MACs per image (G, all matmuls)")
+        ax.set_ylabel(f"top-1 (%) on {r.reported_images} reported val images")
+        ax.set_title(f"{dvt.variant} ({r.calibration} calibration)", fontsize=9)
+        if off_axis:
+            ax.text(
+                0.01,
+                0.01,
+                "beyond the x range: " + "; ".join(off_axis),
+                transform=ax.transAxes,
+                fontsize=7,
+                color="0.35",
+                va="bottom",
+            )
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        _place_labels(ax, labels)
+        ax.legend(fontsize=7, loc="lower right")
 
 
 def _draw_curves(fig: Any, study: Study) -> None:
@@ -369,40 +357,30 @@ def _draw_curves(fig: Any, study: Study) -> None:
 
 
 def _draw_exits(fig: Any, study: Study) -> None:
-    ax = fig.subplots(1, 1)
-    dvt = study.dvt
-    if dvt.status != "ok":
-        _message(ax, f"No DVT results ({dvt.status}): {dvt.note}")
-        return
-    thresholds = dvt.best.get("thresholds", {})
-    searches = [
-        (s, label)
-        for s, label in (("msdnet", "MSDNet rule"), ("optuna", "Optuna search"))
-        if thresholds.get(s)
-    ]
-    width = 0.8 / max(len(searches), 1)
-    stages = range(len(dvt.stage_gmacs))
-    for i, (search, label) in enumerate(searches):
-        t = thresholds[search]
-        fractions = [100 * float(f) for f in t["exit_fractions"]]
-        eta = ", ".join(f"{float(e):.3f}" for e in t["thresholds"][:-1])
-        xs = [k + (i - (len(searches) - 1) / 2) * width for k in stages]
-        bars = ax.bar(
-            xs,
-            fractions,
-            width,
-            label=f"{label}: η = ({eta}), {t['avg_gmacs']:.3f} G, {t['test_accuracy']:.1f} %",
-            color=f"C{2 + i}",
+    for ax, dvt in _dvt_axes(fig, study):
+        r = dvt.record
+        searches = [(r.msdnet, "MSDNet rule"), (r.optuna, "Optuna search")]
+        width = 0.8 / len(searches)
+        stages = range(len(r.stage_gmacs))
+        for i, (point, label) in enumerate(searches):
+            eta = ", ".join(f"{e:.3f}" for e in point.thresholds[:-1])
+            xs = [k + (i - (len(searches) - 1) / 2) * width for k in stages]
+            bars = ax.bar(
+                xs,
+                [100 * f for f in point.exit_fractions],
+                width,
+                color=f"C{2 + i}",
+                label=f"{label}: η = ({eta}), {point.avg_gmacs:.3f} G, {point.accuracy:.1f} %",
+            )
+            ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
+        ax.set_xticks(
+            list(stages), [f"stage {k + 1}\n({g:.3f} G alone)" for k, g in enumerate(r.stage_gmacs)]
         )
-        ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
-    ax.set_xticks(list(stages), [f"stage {k + 1}\n({g:.3f} G alone)" for k, g in enumerate(dvt.stage_gmacs)])
-    ax.set_ylabel("images answering here (%)")
-    ax.set_ylim(0, 110)
-    ax.set_title(
-        f"{dvt.variant}: exit distribution at the thresholds chosen for {dvt.best.get('budget_gmacs')} G"
-    )
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="upper left")
+        ax.set_ylabel("reported images answering here (%)")
+        ax.set_ylim(0, 120)
+        ax.set_title(f"{dvt.variant}: exits at the thresholds chosen for {r.budget_gmacs:g} G", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper left")
 
 
 FIGURES = [
@@ -424,18 +402,19 @@ FIGURES = [
     Figure(
         "dvt_vs_static",
         "DVT against the static models",
-        "DVT's accuracy against its average MACs per image as the exit thresholds vary (MSDNet rule's "
-        "sweep, scored on the held-out half of the validation split), the two tuned settings, and each "
-        "exit alone; this study's static models as points (whole validation split). Dotted lines: 25, "
-        "50, 75 and 100 % of the full cascade's cost; circled: the best sweep point within each.",
+        "One panel per cascade: accuracy against average MACs per image as the exit thresholds vary "
+        "(MSDNet rule's sweep), the tuned settings and each exit alone, all on the reported images; the "
+        "static models scored on those same images (its backbone always; with train calibration every "
+        "trained static model) as points at their own cost. Dotted lines: 25, 50, 75 and 100 % of the "
+        "full cascade's cost; circled: the point chosen within each on the calibration images.",
         _draw_dvt,
-        (11.0, 5.2),
+        (12.0, 5.2),
     ),
     Figure(
         "dvt_exits",
         "DVT: where images exit",
-        "Share of the held-out images answered by each stage under the thresholds each search chose "
-        "for the tune_dvt stage's budget.",
+        "Share of the reported images answered by each stage under the thresholds each search chose "
+        "(on the calibration images) for the cascade's budget.",
         _draw_exits,
         (8.0, 4.4),
     ),
