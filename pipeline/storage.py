@@ -213,10 +213,18 @@ class Lease:
         self.location.write_bytes(self.name, json.dumps({**self.record, "heartbeat": time.time()}))
 
     def acquire(self) -> Lease:
+        """Take the lease (a no-op if this object holds it already).
+
+        Raises:
+            LeaseHeld: another process's heartbeat is younger than ``ttl_s`` and, if it is on this
+                host, that process is alive.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            return self
         held = self.read()
         if held and held.get("id") != self.record["id"]:
             age = time.time() - float(held.get("heartbeat", 0))
-            if age < self.ttl_s:
+            if age < self.ttl_s and not _dead_here(held):
                 raise LeaseHeld(
                     f"{self.what} is in use by {describe(held)} (lock {self.url}, heartbeat "
                     f"{age:.0f} s ago). Wait for it to end, or stop it; if it is dead the lock expires "
@@ -255,6 +263,19 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _dead_here(record: dict[str, Any]) -> bool:
+    """Whether the record's holder ran on this host and its process is gone (SIGKILLed, crashed)."""
+    if record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 def describe(record: dict[str, Any]) -> str:
