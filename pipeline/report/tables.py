@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.report.collect import Measured, Study
-from pipeline.report.dvt import dvt_budget_table, dvt_reuse_table
+from pipeline.report.dvt import dvt_budget_table, dvt_reuse_table, dvt_speed_table
 from pipeline.report.paper import (
     CNN_TO_VIT_ROWS,
     DEMO_SCALE,
@@ -238,6 +238,7 @@ def build_tables(study: Study) -> list[Table]:
         paper_t2t_vs_vit_table(study),
         cnn_to_vit_table(study),
         dvt_budget_table(study),
+        dvt_speed_table(study),
         dvt_reuse_table(study),
     ]
 
@@ -256,16 +257,14 @@ def metrics_json(study: Study, tables: Sequence[Table]) -> dict[str, Any]:
         }
     dvt: dict[str, Any] = {}
     for row in by_name["dvt_budgets"].rows:
-        if row.get("top1") is None:
-            continue
-        if row.get("point", "").startswith("best"):
-            name = f"budget_{round(100 * row['budget_fraction'])}pct"
-        elif row["point"].startswith("tuned"):
-            name = "msdnet" if "MSDNet" in row["point"] else "optuna"
-        else:
-            name = row["point"].replace(" only", "").replace(" ", "")
-        dvt[name] = {"top1": row["top1"], "avg_gmacs": row["avg_gmacs"]}
+        if row.get("top1") is not None:
+            point = {"top1": row["top1"], "avg_gmacs": row["avg_gmacs"]}
+            dvt.setdefault(row["cascade"], {})[row["key"]] = point
+    for row in by_name["dvt_speed"].rows:
+        if row["source"] == "measured":
+            speeds = dvt.setdefault(row["cascade"], {}).setdefault("images_per_s", {})
+            speeds[row["key"]] = row["images_per_s"]
     for row in by_name["dvt_reuse"].rows:
         if row.get("val_top1") is not None:
-            dvt.setdefault("reuse_top1", {})[row["combination"]] = row["val_top1"]
+            dvt.setdefault(row["cascade"], {}).setdefault("reuse_top1", {})[row["trial"]] = row["val_top1"]
     return {"variants": variants, "dvt": dvt}
