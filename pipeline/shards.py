@@ -446,6 +446,18 @@ def _resume(store: Store, plan_id: str, plans: list[ShardPlan], workers: int) ->
     return {**partial, "shards": records, "bad": []}
 
 
+def _portable(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else absolute: a copy of the repository
+    (``dvc exp run --temp`` or ``--queue``) then writes the same manifest, and its trainings see
+    unchanged data."""
+    from pipeline.paths import repo_root
+
+    try:
+        return Path(path).resolve().relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _index_and_manifest(
     listing: Listing, plans: list[ShardPlan], records: dict[str, dict[str, Any]], settings: dict[str, Any]
 ) -> tuple[bytes, dict[str, Any]]:
@@ -485,7 +497,7 @@ def _index_and_manifest(
     index = index_parquet(columns)
     manifest = {
         "version": MANIFEST_VERSION,
-        "source": str(listing.root),
+        "source": _portable(listing.root),
         "layout": listing.layout,
         **settings,
         "jpeg_quality_of_converted": JPEG_QUALITY,

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.paths import checkout_root
+
 log = logging.getLogger(__name__)
 
 
@@ -28,9 +30,10 @@ class TrackingUnavailable(RuntimeError):
 
 
 def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite file at the repository root."""
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite file at the root of the user's checkout (also
+    under ``dvc exp run --temp/--queue``: :func:`pipeline.paths.checkout_root`)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return uri or f"sqlite:///{(checkout_root(root) / 'mlflow.db').resolve()}"
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

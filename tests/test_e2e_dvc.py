@@ -112,6 +112,26 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     second = _sh(["dvc", "repro"], repo)
     assert _ran(second.stdout) == set(), second.stdout
 
+    # DVC experiments: this run committed as the baseline, then an experiment in a throw-away copy
+    # (--temp) on a key params.yaml does not have yet (hence "+"), which re-runs the report and no
+    # training. The copy's report finds the runs in this checkout's MLflow store (it would fail on
+    # an empty store of its own); dvc exp show lists both with their metrics, and metrics diff works.
+    _sh(["git", "add", "dvc.lock"], repo)
+    _sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "baseline"], repo)
+    exp = _sh(["dvc", "exp", "run", "--temp", "-S", "+report.epoch=best"], repo)
+    ran = _ran(exp.stdout)
+    assert "report" in ran and not any(s.startswith("train@") for s in ran), exp.stdout
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo).stdout)
+    baseline = next(r for r in shown if r["rev"] != "workspace")
+    [experiment] = [e["revs"][0] for e in baseline["experiments"]]
+    assert experiment["data"]["params"]["params.yaml"]["data"]["report"]["epoch"] == "best"
+    for row in (baseline["data"], experiment["data"]):
+        assert set(variants) <= set(json.dumps(row["metrics"]["reports/metrics.json"]["data"]).split('"'))
+        assert all(row["metrics"][f"results/{v}.json"]["data"]["val_top1"] > 0 for v in variants)
+    diff = _sh(["dvc", "metrics", "diff", "--all", "--json", "HEAD", experiment["rev"]], repo)
+    diff = json.loads(diff.stdout)
+    assert {f"results/{v}.json" for v in variants} | {"reports/metrics.json"} <= set(diff), diff
+
     # One variant's params change: only its training and the report run again.
     changed = [v for v in variants if v != params["dvt"]["variant"]][-1]
     params["variants"][changed].setdefault("train", {})["epochs"] = params["train"]["epochs"] + 1

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pipeline.config import StudyConfig, params_hash
-from pipeline.paths import resolve
+from pipeline.paths import resolve_state
 from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
 from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracking_uri
 from pipeline.train.loop import RunSpec, build_model, fit
@@ -181,7 +181,7 @@ def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     # Local store: keep artifacts beside mlflow.db, not in whatever the cwd is.
-    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    location = resolve_state("mlartifacts", root).as_uri() if uri.startswith("sqlite:") else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -242,7 +242,8 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
     experiment_id = _experiment_id(client, cfg.tracking.experiment, uri, root)
     manifest_sha = sha256_of(Store(shards).url_of(MANIFEST))
     phash = params_hash(tcfg, vcfg, manifest_sha)
-    storage = resolve(tcfg.storage_path, root) if "://" not in tcfg.storage_path else None
+    # In the user's checkout, also under dvc exp run --temp/--queue (DVC's copy is thrown away).
+    storage = resolve_state(tcfg.storage_path, root) if "://" not in tcfg.storage_path else None
     name = f"{variant}-{phash}"
     run_id = _resumable_run(client, experiment_id, variant, phash, storage / name) if storage else None
     if run_id:

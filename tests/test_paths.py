@@ -1,0 +1,38 @@
+"""Where state lives: the user's checkout, also from DVC's experiment copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.paths import checkout_root, repo_root, resolve_state
+from pipeline.tracking import tracking_uri
+
+
+@pytest.mark.parametrize("copy", [".dvc/tmp/exps/standalone/tmpa1b2c3", ".dvc/tmp/exps/tmpx9y8z7"])
+def test_dvc_experiment_copies_keep_state_in_the_checkout(
+    tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkout = tmp_path / "study"
+    (checkout / copy / "stages").mkdir(parents=True)
+    (checkout / "dvc.yaml").write_text("stages: {}\n")
+    (checkout / copy / "dvc.yaml").write_text("stages: {}\n")  # --temp and --queue copies hold one too
+    inside = checkout / copy
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert repo_root(inside / "stages") == inside  # outputs: where DVC looks for them
+    assert checkout_root(inside / "stages") == checkout  # state: the checkout
+    assert tracking_uri(inside) == f"sqlite:///{checkout.resolve()}/mlflow.db"
+    assert resolve_state("runs", inside) == checkout.resolve() / "runs"
+    # Outside a DVC copy both are the repository; a configured URI wins.
+    assert checkout_root(checkout) == repo_root(checkout) == checkout.resolve()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking_uri(inside) == "http://mlflow.internal:5000"
+
+
+def test_a_folder_named_like_a_copy_without_a_checkout_above_is_its_own_root(tmp_path: Path) -> None:
+    inside = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    inside.mkdir(parents=True)
+    (inside / "dvc.yaml").write_text("stages: {}\n")
+    assert checkout_root(inside) == inside
+
