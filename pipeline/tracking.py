@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.paths import checkout_root
+from pipeline.paths import checkout_root, resolve_state
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,20 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: MLflow 3's UI opens an experiment by its kind: model training shows the runs table and charts
+#: first (without the tag it may infer the GenAI view of traces and judges).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
     """The id of experiment ``name``, created if missing (a local store keeps artifacts beside mlflow.db)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND) is None:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return experiment.experiment_id
-    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    location = resolve_state("mlartifacts", root).as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
 
 def child_run(client: Any, parent: str, experiment: str, name: str, tags: Mapping[str, str]) -> str:

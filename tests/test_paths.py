@@ -1,4 +1,4 @@
-"""Where state lives: the user's checkout, also from DVC's experiment copies."""
+"""Where state lives: the user's checkout, also from DVC's experiment copies; the MLflow experiment's kind."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.paths import checkout_root, repo_root, resolve_state
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import EXPERIMENT_KIND, MODEL_TRAINING, experiment_id, tracking_uri
 
 
 @pytest.mark.parametrize("copy", [".dvc/tmp/exps/standalone/tmpa1b2c3", ".dvc/tmp/exps/tmpx9y8z7"])
@@ -36,3 +36,15 @@ def test_a_folder_named_like_a_copy_without_a_checkout_above_is_its_own_root(tmp
     (inside / "dvc.yaml").write_text("stages: {}\n")
     assert checkout_root(inside) == inside
 
+
+def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    new = experiment_id(client, "study", uri, tmp_path)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND] == MODEL_TRAINING == "custom_model_development"
+    old = client.create_experiment("older")  # made before the tag existed: tagged on next use
+    assert EXPERIMENT_KIND not in client.get_experiment(old).tags
+    assert experiment_id(client, "older", uri, tmp_path) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND] == MODEL_TRAINING
