@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.storage import atomic_write
+
 __all__ = [
     "OperatingPoint",
     "ReuseAblation",
@@ -178,7 +180,7 @@ class TuneRecord:
     def write(self, path: Path) -> None:
         """The record as YAML (``-inf`` thresholds as ``-.inf``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        atomic_write(path, yaml.safe_dump(asdict(self), sort_keys=False))
 
     @classmethod
     def read(cls, path: Path) -> TuneRecord:

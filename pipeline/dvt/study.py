@@ -18,6 +18,7 @@ Everything goes into one MLflow run ``tune_dvt-<variant>`` (trials as its childr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import tempfile
@@ -33,6 +34,7 @@ from pipeline.dvt.images import ImageSet, image_sets, iter_batches, predict
 from pipeline.dvt.points import best_within, cheapest_reaching, score_point, sweep
 from pipeline.dvt.records import ReuseAblation, SpeedRow, StaticScore, Throughput, TuneRecord
 from pipeline.dvt.search import TuneContext, search_reuse, search_thresholds
+from pipeline.storage import atomic_write
 from pipeline.tracking import experiment_id, log_metrics, tracked_run
 from pipeline.train.loop import RunSpec, build_model
 
@@ -309,30 +311,31 @@ def write_outputs(record: TuneRecord, out: Path) -> None:
     """``best.yaml`` (the record), ``curve.csv`` (for ``dvc plots``) and ``metrics.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     record.write(out / RECORD)
-    with open(out / CURVE, "w", newline="") as fh:
-        writer = csv.writer(fh)
+    fh = io.StringIO(newline="")  # the rows, then one atomic write
+    writer = csv.writer(fh)
+    writer.writerow(
+        [
+            "q",
+            "eta1",
+            "eta2",
+            "calib_accuracy",
+            "calib_avg_gmacs",
+            "accuracy",
+            "avg_gmacs",
+            *(f"exit{k + 1}" for k in range(len(record.stage_gmacs))),
+        ]
+    )
+    for p in record.curve:
         writer.writerow(
             [
-                "q",
-                "eta1",
-                "eta2",
-                "calib_accuracy",
-                "calib_avg_gmacs",
-                "accuracy",
-                "avg_gmacs",
-                *(f"exit{k + 1}" for k in range(len(record.stage_gmacs))),
+                p.q,
+                *p.thresholds[:2],
+                p.calib_accuracy,
+                p.calib_avg_gmacs,
+                p.accuracy,
+                p.avg_gmacs,
+                *p.exit_fractions,
             ]
         )
-        for p in record.curve:
-            writer.writerow(
-                [
-                    p.q,
-                    *p.thresholds[:2],
-                    p.calib_accuracy,
-                    p.calib_avg_gmacs,
-                    p.accuracy,
-                    p.avg_gmacs,
-                    *p.exit_fractions,
-                ]
-            )
-    (out / METRICS).write_text(json.dumps(_metrics(record), indent=2) + "\n")
+    atomic_write(out / CURVE, fh.getvalue())
+    atomic_write(out / METRICS, json.dumps(_metrics(record), indent=2) + "\n")
