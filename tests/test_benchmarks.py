@@ -43,3 +43,24 @@ def test_verify_benchmark_compares_both_checks() -> None:
     assert proc.returncode == 0, proc.stderr
     truncated = [line for line in proc.stdout.splitlines() if "truncated at" in line]
     assert len(truncated) == 3 and all(line.endswith("| 10 / 10 | 10 / 10 |") for line in truncated)
+
+
+def test_dvt_throughput_benchmark_compares_early_exit_with_both_baselines(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "dvt.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.dvt_throughput", "--img-size", "64", "--batch", "16",
+         "--threads", "1", "--repeats", "1", "--warmup", "0", "--num-classes", "10",
+         "--exits", "0.5", "0.25", "0.25",
+         "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--json", str(out)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["exit_fractions"] == [0.5, 0.25, 0.25]  # thresholds set on the batch hit the fractions
+    assert result["vs_simulate_ideal"] > 1 and all(v > 0 for v in result["images_per_s"].values())
+    assert "| simulate-all |" in proc.stdout and "MACs-ideal" in proc.stdout
