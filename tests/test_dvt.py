@@ -53,7 +53,7 @@ def test_stage_macs_match_the_paper(name: str) -> None:
     macs = [m / 1e9 for m in model.stage_macs()]
     for measured, expected in zip(macs, DVT_PAPER[name]["stage_macs_g"], strict=True):
         assert measured == pytest.approx(expected, rel=1e-2)
-        assert measured == pytest.approx(expected, abs=5.01e-4)  # in fact equal to SPEC's three decimals
+        assert measured == pytest.approx(expected, abs=5.01e-4)  # equal to the three decimals given
     # Running the whole cascade costs the three stages together.
     assert count_macs(model, 224) == sum(model.stage_macs())
 

@@ -105,8 +105,8 @@ def _channel_maps(
 
     A depthwise, kernel-1 ``Conv1d`` as in the authors' code rather than a bare scale vector: it keeps
     PyTorch's default conv init (uniform in [-1, 1]) that the authors' runs started from, and
-    FlopCounterMode counts its ``channels * maps`` MACs per token, which SPEC.md's all-matmul column
-    includes (an elementwise product would go uncounted).
+    FlopCounterMode counts its ``channels * maps`` MACs per token, which the all-matmul count of the
+    authors' code includes (docs/models.md; an elementwise product would go uncounted).
     """
     return nn.Conv1d(channels, channels * maps, 1, groups=channels, bias=False, device=device, dtype=dtype)
 

@@ -35,7 +35,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
     Frozen weights (T2T-ViT's sinusoidal position table, the Performer's random features) are
     non-trainable ``nn.Parameter``s in this model zoo, as in the authors' code, so "all" is every
-    parameter and matches SPEC.md's "All" column; buffers are not weights and are not counted.
+    parameter and matches the "all" count of the authors' code (docs/models.md); buffers are not
+    weights and are not counted.
 
     Args:
         model: Any module; parameters on the ``meta`` device count too.

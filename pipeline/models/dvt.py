@@ -77,7 +77,7 @@ __all__ = [
 Backbone = Literal["t2t_vit", "deit"]
 
 #: First soft split (kernel, stride, padding) per stage; the next two stay (3, 2, 1).
-#: 224 gives 28 -> 14 -> 7, 38 -> 19 -> 10 and 56 -> 28 -> 14 tokens per side (SPEC.md section 3).
+#: 224 gives 28 -> 14 -> 7, 38 -> 19 -> 10 and 56 -> 28 -> 14 tokens per side (arXiv:2105.15075).
 T2T_FIRST_SPLITS: tuple[SoftSplit, ...] = ((14, 8, 3), (11, 6, 5), (7, 4, 2))
 
 #: DeiT-S patch embedding per stage as (kernel = stride, padding): 7, 10 and 14 tokens per side at 224.
@@ -88,7 +88,7 @@ REUSE_DIM, REUSE_HIDDEN = 48, 128
 
 
 class DVTPaperEntry(TypedDict):
-    """Published size and cost of one registered cascade at 224x224 (SPEC.md section 3)."""
+    """Size and cost of one registered cascade at 224x224 in the authors' code (docs/dvt.md)."""
 
     params_all: int
     """Every tensor of the authors' code with both reuses on, frozen ones included."""
@@ -292,7 +292,7 @@ class ReuseBlock(Block):
         """``E_l``: this block's ``f_l`` of the upstream tokens, resized, with zero prefix slots.
 
         ``f_l`` runs on every upstream token and the class token's output is then dropped, as in the
-        authors' code (and SPEC.md's MAC counts); dropping it first would save one token's worth.
+        authors' code (and its MAC counts); dropping it first would save one token's worth.
 
         Args:
             upstream: The previous stage's state, with its final tokens (B, p + h*w, E_up).
