@@ -406,6 +406,9 @@ class StudyConfig(_Section):
     dvt: DVTConfig
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig = ReportConfig()
+    pretrained: dict[str, PretrainedConfig] = Field(
+        default_factory=dict, description="Name -> outside checkpoint; one DVC evaluate stage each."
+    )
 
     @field_validator("variants")
     @classmethod
