@@ -174,6 +174,12 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Also checkpoint every N steps (0: per epoch only)."
     )
+    log_every_steps: int = Field(
+        50,
+        ge=0,
+        description="Print and log to MLflow the loss, learning rate, images/s and time left every N "
+        "optimizer steps (0: only the 30-second heartbeat); a line comes at least every 30 s anyway.",
+    )
     max_steps_per_epoch: int | None = Field(
         None, gt=0, description="Cap on optimizer steps per epoch (None: one full pass); for quick runs."
     )

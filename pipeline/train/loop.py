@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.data import build_eval_loader, build_train_loader, build_transforms
+from pipeline.train.progress import StepProgress, bar
 from pipeline.train.task import ClassificationTask, task_for
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LocalSession:
     def __init__(self, resume: dict[str, Any] | None = None, device: str = "cpu") -> None:
         self.rank, self.world_size, self.device = 0, 1, torch.device(device)
         self.history: list[dict[str, float]] = []
+        self.progress_log: list[tuple[int, dict[str, float]]] = []
         self.state: dict[str, Any] | None = resume
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -77,6 +79,9 @@ class LocalSession:
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         self.history.append(metrics)
         self.state = state
+
+    def progress(self, metrics: dict[str, float], step: int) -> None:
+        self.progress_log.append((step, metrics))
 
 
 def build_model(spec: RunSpec) -> nn.Module:
@@ -123,7 +128,8 @@ def evaluate(
     """
     model.eval()
     sums: list[float] | None = None
-    for images, labels in loader:
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    for images, labels in bar(loader, desc="evaluate", show=rank0):  # rank 0's share of the split
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(**autocast):
             exits = [x.float() for x in task.exits(model(images))]
@@ -263,12 +269,22 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         }
 
     metrics: dict[str, float] = {}
+    progress = StepProgress(
+        spec.variant,
+        session,
+        rank=session.rank,
+        steps=steps,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        every=cfg.log_every_steps,
+    )
     while epoch < cfg.epochs:
         train_loader.dataset.set_epoch(epoch, skip_batches=step * accum)
         if per_epoch:
             schedule.step(epoch)  # also right after a resume, mid-epoch or not
         net.train()
         first, loss_sum, tic = step, 0.0, time.perf_counter()
+        progress.start_epoch(epoch, first)
         micro = iter(train_loader)
         for step in range(first, steps):
             seed_everything(_seed_for(cfg, epoch, step, session.rank))
@@ -292,6 +308,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
             if not per_epoch:
                 schedule.step_update(epoch * steps + step + 1)
             done = step + 1
+            progress.step(done, loss_sum, optimizer.param_groups[0]["lr"])
             if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps:
                 partial = {"epoch": epoch, "step": done}
                 session.report(partial, snapshot(epoch, done, partial))

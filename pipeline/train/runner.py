@@ -114,6 +114,17 @@ class RaySession:
         self.client.log_batch(self.spec.run_id, metrics=batch)
         self.logged = epoch + 1
 
+    def progress(self, metrics: dict[str, float], step: int) -> None:
+        """Rank 0's mid-epoch progress (:class:`~pipeline.train.progress.StepProgress`), logged at
+        the global optimizer step (the per-epoch metrics use the epoch as their step)."""
+        from mlflow.entities import Metric
+
+        if self.client is None:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.spec.run_id, metrics=batch)
+
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 
