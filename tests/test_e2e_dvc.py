@@ -52,9 +52,13 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     repo = _copy_repo(root, tmp_path / "repo", "profiles/mini.yaml")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     variants = list(params["variants"])
+    evaluations = list(params.get("pretrained") or {})  # evaluate@<name> stages
+    assert evaluations
 
     first = _sh(["dvc", "repro"], repo)
-    assert _ran(first.stdout) == {"demo", "shard", "tune_dvt", "report", *(f"train@{v}" for v in variants)}
+    evaluated = {f"evaluate@{e}" for e in evaluations}
+    expected = {"demo", "shard", "tune_dvt", "report", *evaluated, *(f"train@{v}" for v in variants)}
+    assert _ran(first.stdout) == expected
 
     with open(repo / "reports" / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -107,6 +111,20 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     )
     assert len(children) == 4 + params["dvt"]["threshold_trials"]
     assert (repo / "results" / "dvt" / "curve.png").stat().st_size > 1000
+
+    # The demo training written in the T2T-ViT authors' release format and evaluated as an outside
+    # checkpoint (timm's pretrained path, the evaluate stage): the top-1 of the run that made it.
+    from pipeline.tracking import file_sha256
+
+    for name in evaluations:
+        trained = json.loads((repo / params["pretrained"][name]["checkpoint"]).read_text())
+        result = json.loads((repo / "results" / "pretrained" / f"{name}.json").read_text())
+        first_seed = next(r for r in trained["runs"] if r["run_id"] == trained["run_id"])
+        assert result["top1"] == first_seed[trained["summary"]["top1"]["metric"]], (result, first_seed)
+        assert result["source_run_id"] == trained["run_id"] and result["images"] > 0
+        exported = repo / "results" / "pretrained" / f"{name}.pth.tar"
+        tags = client.get_run(result["run_id"]).data.tags
+        assert tags["checkpoint_sha256"] == file_sha256(exported) == result["checkpoint_sha256"]
 
     # Nothing changed: nothing runs.
     second = _sh(["dvc", "repro"], repo)

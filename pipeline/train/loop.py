@@ -288,6 +288,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         micro = iter(train_loader)
         for step in range(first, steps):
             seed_everything(_seed_for(cfg, epoch, step, session.rank))
+            step_loss = 0.0
             for k in range(accum):
                 images, labels = next(micro)
                 images, target = task.targets(
@@ -298,7 +299,8 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
                 with contextlib.nullcontext() if sync else net.no_sync(), torch.autocast(**autocast):
                     loss = task.loss(net(images), target) / accum
                 loss.backward()
-                loss_sum += loss.item()
+                step_loss += loss.item()
+            loss_sum += step_loss
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
@@ -310,7 +312,8 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
             done = step + 1
             progress.step(done, loss_sum, optimizer.param_groups[0]["lr"])
             if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps:
-                partial = {"epoch": epoch, "step": done}
+                # This rank's loss of the step just taken (unreduced), e.g. to compare resumed runs.
+                partial = {"epoch": epoch, "step": done, "step_loss": step_loss}
                 session.report(partial, snapshot(epoch, done, partial))
         elapsed = time.perf_counter() - tic
         ran = max(steps - first, 1)
