@@ -90,6 +90,34 @@ def assert_trains(
             assert param.grad is None, f"frozen {name} got a gradient"
 
 
+def tiny_spec(shards: Path, **train: Any) -> Any:
+    """A :class:`~pipeline.train.loop.RunSpec` of a two-layer ViT at 32 px on ``shards`` (4 classes):
+    one epoch in a few seconds on a CPU. ``train`` overrides :class:`~pipeline.config.TrainConfig`'s
+    fields (``epochs``, ``ema_decay``, ...)."""
+    from pipeline.config import AugmentConfig, TrainConfig
+    from pipeline.train.loop import RunSpec
+
+    base = {
+        "img_size": 32,
+        "epochs": 3,
+        "warmup_epochs": 0.5,
+        "cooldown_epochs": 0,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "drop_path_rate": 0.0,
+        "num_workers": 1,
+        "augment": AugmentConfig(scale_min=0.5),
+    }
+    return RunSpec(
+        variant="tiny",
+        model="vit_tiny_patch16_224",
+        train=TrainConfig(**{**base, **train}),
+        shards=str(shards),
+        num_classes=4,
+        model_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+    )
+
+
 # -- a study for the report: real MLflow runs and results files ------------------------------------------
 
 EXPERIMENT = "t2t-vit-study"

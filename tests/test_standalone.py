@@ -1,7 +1,9 @@
-"""The project stands alone: nothing in it points at files a user of the repository does not have."""
+"""The project stands alone: nothing in it points at files a user of the repository does not have, and
+no test file leans on another (what tests share is in ``helpers.py``, fixtures in ``conftest.py``)."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 from pathlib import Path
@@ -43,3 +45,18 @@ def test_the_check_catches_a_citation() -> None:
     assert OUTSIDE.search("see " + "../" + "shared/official-checkpoints")
     assert OUTSIDE.search("the recipe (" + "SPEC" + " §2)") and OUTSIDE.search("(" + "STYLE" + ": one layer)")
     assert not OUTSIDE.search("_CLUSTER_SPEC = {}") and not OUTSIDE.search("FAMILY_STYLE[fam]")
+
+
+def test_no_test_file_imports_another(root: Path) -> None:
+    found = []
+    for path in sorted((root / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [
+                f"tests/{path.name}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"
+            ]
+    assert not found, "move what test files share into tests/helpers.py:\n" + "\n".join(found)

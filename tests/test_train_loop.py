@@ -6,41 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_spec
 from torch import nn
 
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config import AugmentConfig
 from pipeline.train.loop import LocalSession, RunSpec, fit
 from pipeline.train.task import ClassificationTask, MultiExitTask, task_for
-
-TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
-
-
-def _spec(shards: Path, **train) -> RunSpec:
-    base = {
-        "img_size": 32,
-        "epochs": 3,
-        "warmup_epochs": 0.5,
-        "cooldown_epochs": 0,
-        "batch_size": 8,
-        "lr": 2e-3,
-        "drop_path_rate": 0.0,
-        "num_workers": 1,
-        "augment": AugmentConfig(scale_min=0.5),
-    }
-    cfg = TrainConfig(**{**base, **train})
-    return RunSpec(
-        variant="tiny",
-        model="vit_tiny_patch16_224",
-        train=cfg,
-        shards=str(shards),
-        num_classes=4,
-        model_kwargs=TINY,
-    )
 
 
 def test_fit_reports_every_epoch_and_learns(tiny_shards: Path) -> None:
     session = LocalSession()
-    final = fit(_spec(tiny_shards, epochs=6), session)
+    final = fit(tiny_spec(tiny_shards, epochs=6), session)
     assert [m["epoch"] for m in session.history] == list(range(6))
     assert session.history[-1]["train_loss"] < session.history[0]["train_loss"]
     assert 0 <= final["val_top1"] <= final["val_top5"] <= 100
@@ -59,8 +35,8 @@ def test_fit_reports_every_epoch_and_learns(tiny_shards: Path) -> None:
 
 def test_max_steps_per_epoch_caps_every_epoch(tiny_shards: Path) -> None:
     full, capped = LocalSession(), LocalSession()
-    fit(_spec(tiny_shards, epochs=2), full)
-    fit(_spec(tiny_shards, epochs=2, max_steps_per_epoch=2), capped)
+    fit(tiny_spec(tiny_shards, epochs=2), full)
+    fit(tiny_spec(tiny_shards, epochs=2, max_steps_per_epoch=2), capped)
     assert full.state["step"] > 2
     assert capped.state["step"] == 2
     assert [m["epoch"] for m in capped.history] == [0, 1]
@@ -70,19 +46,19 @@ def test_max_steps_per_epoch_caps_every_epoch(tiny_shards: Path) -> None:
 def test_same_seed_same_losses(tiny_shards: Path) -> None:
     runs = [LocalSession(), LocalSession()]
     for s in runs:
-        fit(_spec(tiny_shards, epochs=2), s)
+        fit(tiny_spec(tiny_shards, epochs=2), s)
     assert [m["train_loss"] for m in runs[0].history] == [m["train_loss"] for m in runs[1].history]
 
 
 def test_resume_continues_from_the_checkpoint(tiny_shards: Path) -> None:
     full = LocalSession()
-    fit(_spec(tiny_shards, epochs=3), full)
+    fit(tiny_spec(tiny_shards, epochs=3), full)
     first = LocalSession()
-    fit(_spec(tiny_shards, epochs=3), first)
+    fit(tiny_spec(tiny_shards, epochs=3), first)
     state = first.state
     state["epoch"] = 1  # pretend the run died after epoch 2
     resumed = LocalSession(resume=state)
-    fit(_spec(tiny_shards, epochs=3), resumed)
+    fit(tiny_spec(tiny_shards, epochs=3), resumed)
     assert [m["epoch"] for m in resumed.history] == [2]
 
 
@@ -101,7 +77,7 @@ class _DieAt(LocalSession):
 
 def test_mid_epoch_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_shards: Path) -> None:
     # 48 train images / batch 8 = 6 steps per epoch; checkpoint every 2 steps.
-    spec = _spec(tiny_shards, epochs=2, checkpoint_every_steps=2)
+    spec = tiny_spec(tiny_shards, epochs=2, checkpoint_every_steps=2)
     whole = LocalSession()
     fit(spec, whole)
     dying = _DieAt(epoch=1, step=4)
@@ -117,15 +93,15 @@ def test_mid_epoch_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_sha
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_shards: Path) -> None:
     full, accum = LocalSession(), LocalSession()
-    fit(_spec(tiny_shards, epochs=1), full)
-    fit(_spec(tiny_shards, epochs=1, max_batch_per_worker=4), accum)
-    assert _spec(tiny_shards, max_batch_per_worker=4).train.accumulation == 2
+    fit(tiny_spec(tiny_shards, epochs=1), full)
+    fit(tiny_spec(tiny_shards, epochs=1, max_batch_per_worker=4), accum)
+    assert tiny_spec(tiny_shards, max_batch_per_worker=4).train.accumulation == 2
     assert accum.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-4)
 
 
 def test_ema_is_evaluated_and_reported_beside_the_raw_weights(tiny_shards: Path) -> None:
     session = LocalSession()
-    fit(_spec(tiny_shards, epochs=2, ema_decay=0.5), session)
+    fit(tiny_spec(tiny_shards, epochs=2, ema_decay=0.5), session)
     ema, raw = session.state["ema"], session.state["model"]
     assert ema is not None and any(not torch.equal(ema[k], raw[k]) for k in raw)
     for m in session.history:
@@ -139,12 +115,12 @@ def test_ema_is_evaluated_and_reported_beside_the_raw_weights(tiny_shards: Path)
 
 def test_without_ema_there_are_no_ema_metrics(tiny_shards: Path) -> None:
     session = LocalSession()
-    fit(_spec(tiny_shards, epochs=1), session)
+    fit(tiny_spec(tiny_shards, epochs=1), session)
     assert not any(k.startswith("ema_") for k in session.history[-1]) and session.state["ema"] is None
 
 
 def test_the_best_epoch_and_its_weights_are_kept_across_a_resume(tiny_shards: Path) -> None:
-    spec = _spec(tiny_shards, epochs=4, lr=5e-2)  # a rate high enough for top-1 to go down too
+    spec = tiny_spec(tiny_shards, epochs=4, lr=5e-2)  # a rate high enough for top-1 to go down too
     whole = LocalSession()
     fit(spec, whole)
     top1 = [m["val_top1"] for m in whole.history]
@@ -183,8 +159,8 @@ class _RecordRates(LocalSession):
 def test_a_per_epoch_schedule_sets_one_rate_per_epoch_as_timm_0_3_4(tiny_shards: Path) -> None:
     import math
 
-    spec = _spec(tiny_shards, epochs=4, warmup_epochs=1, lr_schedule_unit="epoch", checkpoint_every_steps=2,
-                 lr=1e-3, min_lr=1e-5, warmup_lr=1e-6)  # fmt: skip
+    spec = tiny_spec(tiny_shards, epochs=4, warmup_epochs=1, lr_schedule_unit="epoch",
+                     checkpoint_every_steps=2, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6)  # fmt: skip
     session = _RecordRates()
     fit(spec, session)
 
@@ -196,12 +172,14 @@ def test_a_per_epoch_schedule_sets_one_rate_per_epoch_as_timm_0_3_4(tiny_shards:
     for epoch, step, rate in session.rates:  # steps 2 and 4 of every epoch, and its end
         assert rate == pytest.approx(expected[epoch], rel=1e-9), (epoch, step)
     per_step = _RecordRates()
-    fit(_spec(tiny_shards, epochs=2, checkpoint_every_steps=2), per_step)
+    fit(tiny_spec(tiny_shards, epochs=2, checkpoint_every_steps=2), per_step)
     assert len({rate for e, _, rate in per_step.rates if e == 1}) == 3  # changes within an epoch
 
 
 def test_a_per_epoch_schedule_resumes_mid_epoch_exactly(tiny_shards: Path) -> None:
-    spec = _spec(tiny_shards, epochs=2, warmup_epochs=1, lr_schedule_unit="epoch", checkpoint_every_steps=2)
+    spec = tiny_spec(
+        tiny_shards, epochs=2, warmup_epochs=1, lr_schedule_unit="epoch", checkpoint_every_steps=2
+    )
     whole = LocalSession()
     fit(spec, whole)
     dying = _DieAt(epoch=1, step=4)
@@ -215,7 +193,7 @@ def test_a_per_epoch_schedule_resumes_mid_epoch_exactly(tiny_shards: Path) -> No
 
 def test_checkpoint_state_loads_with_weights_only(tiny_shards: Path, tmp_path: Path) -> None:
     session = LocalSession()
-    fit(_spec(tiny_shards, epochs=1), session)
+    fit(tiny_spec(tiny_shards, epochs=1), session)
     torch.save(session.state, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["config"]["model"] == "vit_tiny_patch16_224"
@@ -259,7 +237,7 @@ def test_multi_exit_models_get_a_summed_loss() -> None:
 
 @pytest.mark.parametrize("bad", ["no_such_model_xyz"])
 def test_unknown_model_is_named(tiny_shards: Path, bad: str) -> None:
-    spec = _spec(tiny_shards)
+    spec = tiny_spec(tiny_shards)
     spec = RunSpec(**{**spec.__dict__, "model": bad})
     with pytest.raises(ValueError, match=bad):
         fit(spec, LocalSession())
