@@ -58,6 +58,7 @@ from pipeline.imagenet import (
     prepare_image,
     scan,
 )
+from pipeline.storage import Lease, Location, resolve_location
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ __all__ = ["MANIFEST", "INDEX", "PARTIAL", "ShardError", "ShardRun", "Store", "r
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 INDEX = "index.parquet"
+#: The lease a shard run holds on its output folder (pipeline.storage.Lease: a heartbeat record).
+LOCK_FILE = "shard.lock"
 MANIFEST_VERSION = 2
 #: Files this module writes into the output folder; only these are ever removed from it.
 OWN_FILES = re.compile(
@@ -504,6 +507,7 @@ def _index_and_manifest(
         "classes": listing.wnids,
         "class_names": listing.class_names,
         "ignored": listing.ignored,
+        "bad_files": listing.bad,  # unusable names and symlinks (pipeline.storage.unusable), never read
         "splits": splits,
         "index": {"name": INDEX, "rows": len(columns["key"]), "sha256": hashlib.sha256(index).hexdigest()},
     }
@@ -562,60 +566,72 @@ def write_shards(
     if listing.ignored:
         log.warning("ignoring %d non-image file(s), listed in the manifest", len(listing.ignored))
 
-    store = Store(output)
-    store.makedirs()
-    if store.local and not store.exists(".gitignore"):
-        # Shards are data: DVC records the manifest's hash in dvc.lock; git should see none of it.
-        store.write_atomic(".gitignore", b"# written by pipeline/shards.py: data, tracked by DVC\n*\n")
-    store.remove(MANIFEST)  # whatever happens next, no manifest until every shard is done
-    partial = _resume(store, _plan_id(listing, plans, settings), plans, workers)
-    records = partial["shards"]
-    store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
-    todo = {p.name: p for p in plans if p.name not in records}
-    reused = [p.name for p in plans if p.name in records]
-    total, left = sum(len(p.samples) for p in plans), sum(len(p.samples) for p in todo.values())
-    log.info(
-        "%d images, %d shards (%d complete) into %s, %d worker(s)",
-        total,
-        len(plans),
-        len(reused),
-        store.url,
-        workers,
+    # One run per output: a second one (another stage, another machine) refuses, naming this one.
+    # Renewed from this thread after each shard: the process must stay single-threaded to fork workers.
+    lease = Lease(
+        Location(resolve_location(output)), LOCK_FILE, what=f"sharding into {output}", ttl_s=900, thread=False
     )
-    tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip", verify) for p in todo.values()]
-    bad: list[dict[str, str]] = []
-    written, images = [], 0
-    results, started = _run(_write_shard, tasks, workers)  # before the bar's thread: _start_method
-    if started != "in-process":  # while the workers write: the index's imports (0.15 s)
-        import pyarrow.parquet  # noqa: F401
-    with tqdm(total=total, initial=total - left, unit="img", desc="shard", disable=not show_progress) as bar:
-        for result in results:
-            name = result.pop("name")
-            if result.pop("complete"):
-                records[name] = result
-                written.append(name)
-                images += result["samples"]
-            else:
-                bad += result["bad"]
-            partial["bad"] = sorted(bad, key=lambda b: b["path"])
-            store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
-            bar.update(len(todo[name].samples))
-    if bad:
-        listed = "\n".join(f"  {listing.root / b['path']}: {b['reason']}" for b in partial["bad"])
-        raise ShardError(
-            f"{len(bad)} bad image file(s) in {listing.root} (on_bad_image: fail). Replace or delete "
-            "them, or set data.shards.on_bad_image: skip to leave them out, listed in the manifest (that "
-            f"keeps the {len(records)} complete shards; changing the files re-plans from scratch):\n{listed}"
+    with lease:
+        store = Store(output)
+        store.makedirs()
+        if store.local and not store.exists(".gitignore"):
+            # Shards are data: DVC records the manifest's hash in dvc.lock; git should see none of it.
+            store.write_atomic(".gitignore", b"# written by pipeline/shards.py: data, tracked by DVC\n*\n")
+        store.remove(MANIFEST)  # whatever happens next, no manifest until every shard is done
+        partial = _resume(store, _plan_id(listing, plans, settings), plans, workers)
+        records = partial["shards"]
+        store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
+        todo = {p.name: p for p in plans if p.name not in records}
+        reused = [p.name for p in plans if p.name in records]
+        total, left = sum(len(p.samples) for p in plans), sum(len(p.samples) for p in todo.values())
+        log.info(
+            "%d images, %d shards (%d complete) into %s, %d worker(s)",
+            total,
+            len(plans),
+            len(reused),
+            store.url,
+            workers,
         )
-    index, manifest = _index_and_manifest(listing, plans, records, settings)
-    store.write_atomic(INDEX, index)
-    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    run = ShardRun(manifest, sorted(written), reused, images, time.perf_counter() - tic, started)
-    for split, s in manifest["splits"].items():
-        summary = f"{s['found']} found, {s['written']} written, {len(s['skipped'])} skipped, {s['converted']}"
-        log.info("%s: %s converted", split, summary)
-    log.info("wrote %d shard(s), kept %d; %.0f images/s", len(written), len(reused), run.images_per_s)
-    return run
+        tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip", verify) for p in todo.values()]
+        bad: list[dict[str, str]] = []
+        written, images = [], 0
+        results, started = _run(_write_shard, tasks, workers)  # before the bar's thread: _start_method
+        if started != "in-process":  # while the workers write: the index's imports (0.15 s)
+            import pyarrow.parquet  # noqa: F401
+        with tqdm(
+            total=total, initial=total - left, unit="img", desc="shard", disable=not show_progress
+        ) as bar:
+            for result in results:
+                name = result.pop("name")
+                if result.pop("complete"):
+                    records[name] = result
+                    written.append(name)
+                    images += result["samples"]
+                else:
+                    bad += result["bad"]
+                partial["bad"] = sorted(bad, key=lambda b: b["path"])
+                store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
+                lease.renew()
+                bar.update(len(todo[name].samples))
+        if bad:
+            listed = "\n".join(f"  {listing.root / b['path']}: {b['reason']}" for b in partial["bad"])
+            raise ShardError(
+                f"{len(bad)} bad image file(s) in {listing.root} (on_bad_image: fail). Replace or delete "
+                "them, or set data.shards.on_bad_image: skip to leave them out, listed in the manifest "
+                f"(that keeps the {len(records)} complete shards; changing the files re-plans from "
+                f"scratch):\n{listed}"
+            )
+        index, manifest = _index_and_manifest(listing, plans, records, settings)
+        store.write_atomic(INDEX, index)
+        store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        run = ShardRun(manifest, sorted(written), reused, images, time.perf_counter() - tic, started)
+        for split, s in manifest["splits"].items():
+            summary = (
+                f"{s['found']} found, {s['written']} written, {len(s['skipped'])} skipped, {s['converted']}"
+            )
+            log.info("%s: %s converted", split, summary)
+        log.info("wrote %d shard(s), kept %d; %.0f images/s", len(written), len(reused), run.images_per_s)
+        return run
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ heartbeat, so two processes never own the same output at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -166,6 +167,50 @@ def copy(src: Location, src_rel: str, dst: Location, dst_rel: str, *, only_missi
     return copied
 
 
+# --- local trees ---
+
+
+def printable(path: str) -> str:
+    """``path`` with bytes that are not UTF-8 (held as surrogates by ``os``) shown as ``\\x..``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def unusable(entry: os.DirEntry, root: str | Path) -> str | None:
+    """Why a local directory entry cannot be read as data of the tree ``root``, or None: a name
+    that is not UTF-8, a broken symlink, a symlink out of the tree (never followed)."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (a tar member name must be): rename it"
+    if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if not os.path.exists(target):
+            return f"broken symlink (to {printable(os.readlink(entry.path))}): fix or remove it"
+        if not (target + os.sep).startswith(_real_dir(str(root))):
+            return f"symlink out of the source tree (to {printable(target)}): not followed"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _real_dir(root: str) -> str:
+    return os.path.realpath(root) + os.sep
+
+
+def list_dir(
+    folder: Path, bad: list[dict[str, str]] | None = None, root: Path | None = None
+) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
+    """(files, sub-folders) of a local ``folder``, sorted by name. With ``bad``, :func:`unusable`
+    entries are appended to it as ``{"path", "reason"}`` (relative to ``root``) instead."""
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    if bad is not None:
+        base = root or folder
+        why = {e.path: unusable(e, base) for e in entries}
+        bad += [{"path": printable(os.path.relpath(p, base)), "reason": r} for p, r in why.items() if r]
+        entries = [e for e in entries if not why[e.path]]
+    return [e for e in entries if e.is_file()], [e for e in entries if e.is_dir()]
+
+
 # --- leases ----------------------------------------------------------------------------------------
 
 
@@ -189,12 +234,24 @@ class Lease:
     Acquiring fails at once with :class:`LeaseHeld`, naming the holder, while another process's
     heartbeat is younger than ``ttl_s``; a lease whose holder stopped beating (a SIGKILLed process,
     a lost node) is taken over after ``ttl_s``. A background thread rewrites the record every
-    ``ttl_s / 4``. On object stores without conditional writes two processes starting within the
-    same moment can both write; each reads its record back and the loser fails.
+    ``ttl_s / 4``; with ``thread=False`` the holder calls :meth:`renew` itself (a process that
+    forks workers stays single-threaded). On object stores without conditional writes two
+    processes starting within the same moment can both write; each reads its record back and the
+    loser fails.
     """
 
-    def __init__(self, location: Location, name: str, *, what: str, ttl_s: float = 120.0, **info: Any):
-        self.location, self.name, self.what, self.ttl_s = location, name, what, ttl_s
+    def __init__(
+        self,
+        location: Location,
+        name: str,
+        *,
+        what: str,
+        ttl_s: float = 120.0,
+        thread: bool = True,
+        **info: Any,
+    ):
+        self.location, self.name, self.what, self.ttl_s, self.threaded = location, name, what, ttl_s, thread
+        self.held = False
         self.record = {**_owner(), "what": what, **info}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,7 +276,7 @@ class Lease:
             LeaseHeld: another process's heartbeat is younger than ``ttl_s`` and, if it is on this
                 host, that process is alive.
         """
-        if self._thread is not None and self._thread.is_alive():
+        if self.held:
             return self
         held = self.read()
         if held and held.get("id") != self.record["id"]:
@@ -235,18 +292,25 @@ class Lease:
         back = self.read()
         if not back or back.get("id") != self.record["id"]:
             raise LeaseHeld(f"{self.what} was claimed at once by {describe(back or {})}: {self.url}")
-        self._thread = threading.Thread(target=self._beat, name=f"lease:{self.name}", daemon=True)
-        self._thread.start()
+        self.held = True
+        if self.threaded:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._beat, name=f"lease:{self.name}", daemon=True)
+            self._thread.start()
         return self
+
+    def renew(self) -> None:
+        """Write a fresh heartbeat (the thread does this unless ``thread=False``)."""
+        held = self.read()
+        if held and held.get("id") != self.record["id"]:
+            log.error("lost %s to %s", self.url, describe(held))
+            return
+        self._write()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                held = self.read()
-                if held and held.get("id") != self.record["id"]:
-                    log.error("lost %s to %s", self.url, describe(held))
-                    return
-                self._write()
+                self.renew()
             except Exception as err:  # storage hiccup: try again at the next beat
                 log.warning("could not renew %s: %s", self.url, err)
 
@@ -257,6 +321,7 @@ class Lease:
         held = self.read()
         if held and held.get("id") == self.record["id"]:
             self.location.remove(self.name)
+        self.held = False
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.config import ShardConfig
 from pipeline.paths import resolve
 from pipeline.shards import ShardError, resolve_output, write_shards
+from pipeline.storage import LeaseHeld
 from stages import _cli
 
 PARAMS = ["data.root", "data.shards"]
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _cli.run(main, ShardError, OSError)
+    _cli.run(main, ShardError, LeaseHeld, OSError)

@@ -36,6 +36,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     from pipeline.shards import ShardError
+    from pipeline.storage import LeaseHeld
     from pipeline.tracking import TrackingUnavailable
+    from pipeline.train.resume import CheckpointsKept
 
-    _cli.run(main, ShardError, TrackingUnavailable, ValueError)
+    _cli.run(main, ShardError, TrackingUnavailable, LeaseHeld, CheckpointsKept, ValueError)
