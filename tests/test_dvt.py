@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from helpers import assert_trains
 from timm.models.vision_transformer import Block
 
-from pipeline.models import count_macs, count_params
+from pipeline.models import PAPER, count_macs, count_params
 from pipeline.models.dvt import (
     DVT_PAPER,
+    DVT_PAPER_SINGLE_STAGE,
     DynamicVisionTransformer,
     RelationReuse,
     ReuseBlock,
@@ -56,6 +57,20 @@ def test_stage_macs_match_the_paper(name: str) -> None:
         assert measured == pytest.approx(expected, abs=5.01e-4)  # equal to the three decimals given
     # Running the whole cascade costs the three stages together.
     assert count_macs(model, 224) == sum(model.stage_macs())
+
+
+def test_single_stage_results_of_the_paper_match_the_cascades_grids() -> None:
+    # arXiv:2105.15075: T2T-ViT-12 trained alone on n x n tokens -> (top-1 %, GFLOPs).
+    assert DVT_PAPER_SINGLE_STAGE == {14: (76.7, 1.78), 7: (70.3, 0.47), 4: (60.8, 0.21)}
+    with torch.device("meta"):
+        model = timm.create_model("dvt_t2t_vit_12")
+    sides = [grid[0] for grid in model.grids]
+    assert sides[0] in DVT_PAPER_SINGLE_STAGE and sides[-1] in DVT_PAPER_SINGLE_STAGE  # exits 1 and 3
+    # The published single-stage costs are the cascade's first stage and T2T-ViT-12 (its last stage
+    # without reuse), to the paper's two decimals.
+    assert DVT_PAPER_SINGLE_STAGE[sides[0]][1] == pytest.approx(model.stage_macs()[0] / 1e9, abs=5e-3)
+    static = PAPER["t2t_vit_12"]["macs_g_all_matmul"]
+    assert DVT_PAPER_SINGLE_STAGE[sides[-1]][1] == pytest.approx(static, abs=2e-2)
 
 
 @pytest.mark.parametrize(
