@@ -27,7 +27,9 @@ def main() -> None:
     uri = tracking_uri(root)
     check_tracking(uri)
     out = resolve(cfg.report.output, root)
-    build_report(root / args.results, list(cfg.variants), uri, out, cascades=cfg.dvt.variants)
+    build_report(
+        root / args.results, list(cfg.variants), uri, out, cascades=cfg.dvt.variants, epoch=cfg.report.epoch
+    )
     print(f"report written to {out / 'index.html'}")
 
 

@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.report.collect import ReportError, Study, collect, ui_base
+from pipeline.report.collect import Epoch, ReportError, Study, collect, ui_base
 from pipeline.report.html import write_html
 from pipeline.report.plots import FIGURES, write_figures
 from pipeline.report.table import Table, write_table
@@ -66,6 +66,7 @@ def build_report(
     *,
     cascades: Sequence[str] = (),
     ui_url: str | None = None,
+    epoch: Epoch = "last",
 ) -> Study:
     """Collect the current study and write every table, figure and the HTML page under ``out``.
 
@@ -77,6 +78,8 @@ def build_report(
         out: Output folder (``reports/``), created if needed.
         ui_url: MLflow UI address for the run links (default: ``MLFLOW_UI_URL`` or
             ``http://127.0.0.1:5000``).
+        epoch: ``report.epoch``: the tables show each training's last epoch (the default) or its
+            best validation epoch (picked on the data it is reported on).
 
     Returns:
         What was read.
@@ -84,7 +87,7 @@ def build_report(
     Raises:
         ReportError: A results file names an MLflow run the store does not have.
     """
-    study = collect(results_dir, variants, tracking_uri, cascades=cascades, base=ui_url)
+    study = collect(results_dir, variants, tracking_uri, cascades=cascades, base=ui_url, epoch=epoch)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(study)
     for table in tables:

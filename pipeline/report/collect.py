@@ -15,13 +15,14 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from pipeline.dvt.records import TuneRecord
+from pipeline.stats import Spread, spread
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 #: Per-epoch metrics whose history the report draws (logged at step = epoch by the train stage).
 HISTORY_KEYS = ("val_top1", "val_top5", "val_loss", "train_loss")
+
+#: Which figure of a training the tables show (``report.epoch``): the last epoch's or the best one's.
+Epoch = Literal["last", "best"]
 
 #: Model kwargs that leave the architecture (hence parameters and MACs) as the paper built it.
 REGULARISATION_KWARGS = frozenset(
@@ -70,6 +74,11 @@ class Measured:
         history: Per-epoch ``(epoch, value)`` of :data:`HISTORY_KEYS` and ``val_top1_exit<k>``.
         tags: The run's tags (git commit, params hash, ...).
         url: The run's page in the MLflow UI.
+        figure: What ``top1``/``top5`` in ``metrics`` are (:func:`with_figures`).
+        runs: Every seed's run id, first to last, when the variant was trained over several seeds;
+            ``metrics`` then hold the mean over them and ``spread`` the mean, std and n
+            (:func:`merge_seeds`); ``run_id``, ``url``, ``history`` and ``tags`` are the first seed's.
+        spread: Per metric, its :class:`~pipeline.stats.Spread` over the seeds (n = 1: one run).
     """
 
     run_id: str
@@ -83,10 +92,23 @@ class Measured:
     history: dict[str, list[tuple[int, float]]]
     tags: dict[str, str]
     url: str
+    figure: str = ""
+    runs: tuple[str, ...] = ()
+    spread: dict[str, Spread] = field(default_factory=dict)
 
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return None if value is None or math.isnan(value) else float(value)
+
+    @property
+    def n(self) -> int:
+        """How many seeds the figures are over."""
+        return max(len(self.runs), 1)
+
+    def spread_text(self, key: str, digits: int = 2) -> str | None:
+        """``mean ± std (n=3)`` of a metric over the seeds; None for a single run."""
+        s = self.spread.get(key)
+        return s.text(digits) if s is not None and s.n > 1 else None
 
     @property
     def num_exits(self) -> int:
@@ -153,6 +175,8 @@ class Study:
     tracking_uri: str
     ui_base: str
     experiment: str = ""
+    epoch: Epoch = "last"
+    """``report.epoch``: which figure of each training the tables show."""
 
     @property
     def measured(self) -> list[tuple[str, Measured]]:
@@ -237,6 +261,45 @@ def read_measured(
     )
 
 
+def with_figures(m: Measured, epoch: Epoch = "last") -> Measured:
+    """``m`` with ``top1``/``top5`` set to the figure the report shows, and ``figure`` saying which.
+
+    ``last``: the last epoch of the reported weights, the EMA's where the run kept an EMA
+    (``ema_val_*``, the weights the authors evaluate), else the raw ones (``val_*``). ``best``: the
+    best validation epoch of those weights (``best_val_*``); it is picked on the images it is
+    measured on, so it flatters the model.
+    """
+    ema = "ema_val_top1" in m.metrics
+    weights = "EMA weights" if ema else "raw weights"
+    if epoch == "best":
+        keys, figure = ("best_val_top1", "best_val_top5"), f"best validation epoch, {weights}"
+    else:
+        keys = ("ema_val_top1", "ema_val_top5") if ema else ("val_top1", "val_top5")
+        figure = f"last epoch, {weights}"
+    metrics = dict(m.metrics)
+    for name, key in zip(("top1", "top5"), keys, strict=True):
+        metrics.pop(name, None)
+        if key in m.metrics:
+            metrics[name] = m.metrics[key]
+    return replace(m, metrics=metrics, figure=figure)
+
+
+def merge_seeds(runs: Sequence[Measured]) -> Measured:
+    """One variant's runs over several seeds as one :class:`Measured`: the first run's identity and
+    history, every metric that all runs have as its mean, and its spread (mean, std, n)."""
+    first = runs[0]
+    keys = [k for k in first.metrics if all(k in r.metrics for r in runs)]
+    spreads = {k: s for k in keys if (s := spread(r.metrics[k] for r in runs)) is not None}
+    figures = {r.figure for r in runs}
+    return replace(
+        first,
+        metrics={k: s.mean for k, s in spreads.items()},
+        spread=spreads,
+        runs=tuple(r.run_id for r in runs) if len(runs) > 1 else (),
+        figure=first.figure if len(figures) == 1 else "mixed: " + "; ".join(sorted(figures)),
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
@@ -247,22 +310,29 @@ def _read_json(path: Path) -> dict[str, Any]:
     return record
 
 
-def read_variant(client: Any, results_dir: Path, variant: str, tracking_uri: str, base: str) -> VariantResult:
-    """``results/<variant>.json`` and its run; ``measured`` is None when the file is missing."""
+def read_variant(
+    client: Any, results_dir: Path, variant: str, tracking_uri: str, base: str, epoch: Epoch = "last"
+) -> VariantResult:
+    """``results/<variant>.json`` and its runs (one per seed, merged by :func:`merge_seeds`), with
+    the ``epoch`` figure; ``measured`` is None when the file is missing."""
     path = results_dir / f"{variant}.json"
     if not path.is_file():
         log.warning("%s is missing: train@%s has not run; reported as missing", path, variant)
         return VariantResult(variant, path, None)
     record = _read_json(path)
-    measured = read_measured(
-        client, record["run_id"], source=path, tracking_uri=tracking_uri, base=base, what=f"train@{variant}"
-    )
-    tagged = measured.tags.get("variant")
-    if tagged not in (None, variant):
-        raise ReportError(f"{path} names MLflow run {record['run_id']}, which trained variant {tagged!r}")
-    if measured.status != "FINISHED":
-        log.warning("%s: MLflow run %s is %s, not FINISHED", variant, record["run_id"], measured.status)
-    return VariantResult(variant, path, measured)
+    run_ids = [r["run_id"] for r in record.get("runs", [])] or [record["run_id"]]
+    runs = []
+    for run_id in run_ids:
+        measured = read_measured(
+            client, run_id, source=path, tracking_uri=tracking_uri, base=base, what=f"train@{variant}"
+        )
+        tagged = measured.tags.get("variant")
+        if tagged not in (None, variant):
+            raise ReportError(f"{path} names MLflow run {run_id}, which trained variant {tagged!r}")
+        if measured.status != "FINISHED":
+            log.warning("%s: MLflow run %s is %s, not FINISHED", variant, run_id, measured.status)
+        runs.append(with_figures(measured, epoch))
+    return VariantResult(variant, path, merge_seeds(runs))
 
 
 def read_dvt(
@@ -310,6 +380,7 @@ def collect(
     *,
     cascades: Sequence[str] = (),
     base: str | None = None,
+    epoch: Epoch = "last",
 ) -> Study:
     """Read the current study: one :class:`VariantResult` per variant (in params order) and one
     :class:`DVTResult` per tuned cascade.
@@ -320,6 +391,7 @@ def collect(
         cascades: ``dvt.variants`` of the current params.
         tracking_uri: The MLflow store the runs were logged to.
         base: MLflow UI address for links (default :func:`ui_base`).
+        epoch: ``report.epoch``: the last epoch's figures or the best epoch's (:func:`with_figures`).
 
     Raises:
         ReportError: A results file names a run the store does not have, naming the file and the run.
@@ -328,9 +400,9 @@ def collect(
 
     base = (base or ui_base()).rstrip("/")
     client = MlflowClient(tracking_uri)
-    results = [read_variant(client, results_dir, v, tracking_uri, base) for v in variants]
+    results = [read_variant(client, results_dir, v, tracking_uri, base, epoch) for v in variants]
     by_name = {r.variant: r for r in results}
     dvt = [read_dvt(client, results_dir, c, by_name, tracking_uri, base) for c in cascades]
     experiments = {r.measured.experiment_id for r in results if r.measured is not None}
     names = sorted(client.get_experiment(e).name for e in experiments)
-    return Study(results, dvt, tracking_uri, base, experiment=", ".join(names))
+    return Study(results, dvt, tracking_uri, base, experiment=", ".join(names), epoch=epoch)

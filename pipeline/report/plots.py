@@ -168,7 +168,7 @@ def _draw_accuracy(xkey: str, xlabel: str) -> Callable[[Any, Study], None]:
         mine, paper = fig.subplots(1, 2)
         seen, labels = set(), []
         for variant, m in study.measured:
-            x, y = m.metric(metric), m.metric("val_top1")
+            x, y = m.metric(metric), m.metric("top1")
             if x is None or y is None:
                 continue
             fam = family(m.model)

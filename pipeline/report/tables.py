@@ -23,6 +23,7 @@ from pipeline.report.paper import (
     paper_row,
 )
 from pipeline.report.table import Column, Table, counting
+from pipeline.stats import noise_neighbours
 
 NOT_TRAINED = "not trained in this profile"
 
@@ -33,8 +34,41 @@ RUN_COLUMNS = [
 ]
 
 
+def figure_note(study: Study) -> str:
+    """What the measured top-1/top-5 of the tables are: which epoch, which weights, over how many seeds."""
+    figures = sorted({m.figure for _, m in study.measured if m.figure}) or ["last epoch, raw weights"]
+    text = (
+        f"Measured top-1/top-5: validation accuracy at the {'; '.join(figures)} (EMA weights where the "
+        "recipe keeps an EMA, as the authors evaluate them)"
+    )
+    if study.epoch == "best":
+        text += (
+            "; the best epoch is picked on the same validation images it is measured on, so it "
+            "overstates what the model would score on new data (report.epoch: last shows the last epoch)"
+        )
+    if any(m.n > 1 for _, m in study.measured):
+        text += (
+            ". Where a variant was trained over several seeds (train.seeds) every figure is the mean "
+            "± sample standard deviation over them, with n; 'Within seed noise of' names the variants "
+            "whose top-1 differs from this one by less than the larger of the two standard deviations: "
+            "such a difference is not a finding"
+        )
+    return text + "."
+
+
+def _noise_text(study: Study) -> dict[str, str]:
+    """Per variant, the variants whose top-1 is within the between-seed spread of its own."""
+    figures = {v: m.spread["top1"] for v, m in study.measured if "top1" in m.spread}
+    return {
+        v: ", ".join(f"{o} (Δ {d:.2f} < {noise:.2f})" for o, d, noise in near)
+        for v, near in noise_neighbours(figures).items()
+    }
+
+
 def comparison_table(study: Study) -> Table:
     """T2T-ViT against ViT: one row per variant of the current params, the paper's row beside it."""
+    seeded = any(m.n > 1 for _, m in study.measured)
+    noise = _noise_text(study)
     cols = [
         Column("variant", "Variant"),
         Column("status", "Status", show=False),
@@ -44,6 +78,10 @@ def comparison_table(study: Study) -> Table:
         Column("epochs", "Epochs", "int", show=False),
         Column("top1", "Top-1 (%)", "float", 2),
         Column("top5", "Top-5 (%)", "float", 2),
+        Column("top1_std", "Top-1 std over seeds", "float", 2, show=False),
+        Column("seeds", "Seeds (n)", "int", show=seeded),
+        Column("within_noise", "Within seed noise of", show=seeded),
+        Column("figure", "Figure", show=False),
         Column("params_m", "Params (M)", "float", 2),
         Column("macs_g", "MACs (G)", "float", 3),
         Column("images_per_s", "Train images/s", "float", 1),
@@ -59,11 +97,11 @@ def comparison_table(study: Study) -> Table:
     table = Table(
         "comparison",
         "T2T-ViT against ViT: measured beside published",
-        "One row per variant of the current params. Measured: validation top-1/top-5 after the last "
-        "epoch (this study's data), parameters (all tensors, frozen ones included) and MACs (all matrix "
-        "multiplications, at the training resolution) of the trained model, training images/s of the "
-        "last epoch over all workers. Paper: ImageNet-1k numbers of the same model, shown only where "
-        "the variant is the paper's model at the paper's size.",
+        "One row per variant of the current params. Measured (this study's data): parameters (all "
+        "tensors, frozen ones included) and MACs (all matrix multiplications, at the training "
+        "resolution) of the trained model, training images/s of the last epoch over all workers. "
+        "Paper: ImageNet-1k numbers of the same model, shown only where the variant is the paper's "
+        f"model at the paper's size. {figure_note(study)}",
         cols,
         row_key="variant",
     )
@@ -79,6 +117,10 @@ def comparison_table(study: Study) -> Table:
             )
             continue
         paper, display = paper_beside(m)
+        for key in ("top1", "top5", "images_per_s"):
+            if (text := m.spread_text(key, 1 if key == "images_per_s" else 2)) is not None:
+                display = {**display, key: text}
+        top1_spread = m.spread.get("top1")
         table.rows.append(
             {
                 "variant": result.variant,
@@ -87,8 +129,12 @@ def comparison_table(study: Study) -> Table:
                 "model_kwargs": m.kwargs_text,
                 "img_size": m.img_size,
                 "epochs": m.epochs,
-                "top1": m.metric("val_top1"),
-                "top5": m.metric("val_top5"),
+                "top1": m.metric("top1"),
+                "top5": m.metric("top5"),
+                "top1_std": top1_spread.std if top1_spread is not None else None,
+                "seeds": m.n,
+                "within_noise": noise.get(result.variant, ""),
+                "figure": m.figure,
                 "params_m": m.metric("params_m"),
                 "macs_g": m.metric("macs_g"),
                 "images_per_s": m.metric("images_per_s"),
@@ -182,7 +228,8 @@ def cnn_to_vit_table(study: Study) -> Table:
         "T2T-ViT's study of five CNN designs carried into ViT and T2T-ViT. Each 'paper' row gives the "
         "published ImageNet-1k numbers (MACs as the final paper prints them); the 'measured' rows under "
         "it are this study's variants of the same model. A demo-scale variant (a model_kwargs override "
-        "of depth or width) is a smaller model, so the paper's numbers are not its numbers.",
+        "of depth or width) is a smaller model, so the paper's numbers are not its numbers. "
+        + figure_note(study),
         cols,
         row_key="variant",
     )
@@ -218,7 +265,7 @@ def cnn_to_vit_table(study: Study) -> Table:
                     "model": m.model,
                     "variant": variant,
                     "source": "measured",
-                    "top1": m.metric("val_top1"),
+                    "top1": m.metric("top1"),
                     "params_m": m.metric("params_m"),
                     "macs_g": m.metric("macs_g"),
                     "images_per_s": m.metric("images_per_s"),
@@ -226,6 +273,7 @@ def cnn_to_vit_table(study: Study) -> Table:
                     "note": "; ".join(note),
                     "run_id": m.run_id,
                     "run_url": m.url,
+                    **({"_display": {"top1": text}} if (text := m.spread_text("top1")) else {}),
                 }
             )
     return table
@@ -252,7 +300,7 @@ def metrics_json(study: Study, tables: Sequence[Table]) -> dict[str, Any]:
             continue
         variants[row["variant"]] = {
             k: row[k]
-            for k in ("top1", "top5", "params_m", "macs_g", "images_per_s")
+            for k in ("top1", "top5", "top1_std", "seeds", "params_m", "macs_g", "images_per_s")
             if row.get(k) is not None
         }
     dvt: dict[str, Any] = {}
