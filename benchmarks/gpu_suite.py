@@ -5,7 +5,10 @@ real training smoke test, each part under a time limit of its own.
     python -m benchmarks.gpu_suite --out DIR --smoke    # any CPU: toy sizes, under a minute (CI)
     python -m benchmarks.gpu_suite --out DIR --parts d,e   # rerun some parts; the others are kept
 
-Writes ``DIR/gpu_suite.json`` (every figure, raw) and ``DIR/gpu_suite.md`` (one table, also printed).
+Writes ``DIR/gpu_suite.json`` (every figure, raw) and ``DIR/gpu_suite.md`` (one table, also printed);
+exits 1 if a part did not finish. ``--batch`` changes the per-GPU batch of parts a-d (128). The parts
+are in :mod:`benchmarks.gpu_parts`; docs/performance.md ("GPU suite") says how to run the suite on a
+GPU machine and what each figure decides.
 
 Parts (GPU sizes; ``--smoke`` shrinks every model to one block of width 32 at 32 px, 64 px for DVT):
 
@@ -341,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (CI); not performance figures")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of a,b,c,d,e")
     p.add_argument("--limit-scale", type=float, default=1.0, help="multiply every part's time limit")
+    p.add_argument("--batch", type=int, help="per-GPU batch of parts a-d (default 128; 4 with --smoke)")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if unknown := [x for x in parts if x not in PARTS]:
@@ -355,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             report["parts"] = {k: v for k, v in old.get("parts", {}).items() if k not in parts}
     report["environment"] = _environment(args.smoke)
     scratch = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
+    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
     ctx = Context(
-        SMOKE_SIZES if args.smoke else GPU_SIZES,
+        dataclasses.replace(sizes, batch=args.batch) if args.batch else sizes,
         args.smoke,
         "cpu" if args.smoke else "cuda",
         scratch,
