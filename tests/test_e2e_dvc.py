@@ -93,6 +93,8 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
         record = json.loads((repo / "results" / f"{v}.json").read_text())
         run = client.get_run(record["run_id"])
         assert run.info.status == "FINISHED"
+        # ... and its model in MLflow's format, registered; the only version, so the variant's @best.
+        assert client.get_model_version_by_alias(v, "best").run_id == record["run_id"]
         assert run.data.tags["variant"] == v and run.data.tags["git_commit"] != "unknown"
         history = client.get_metric_history(record["run_id"], "val_top1")
         assert len(history) == params["train"]["epochs"]

@@ -35,6 +35,7 @@ from pipeline.paths import resolve_state
 from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
 from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracking_uri
 from pipeline.train.loop import RunSpec, build_model, fit
+from pipeline.train.registry import log_model
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +345,7 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
             with tempfile.TemporaryDirectory() as out:
                 torch.save({"model": weights, "config": state["config"]}, Path(out) / "model.pt")
                 client.log_artifact(run_id, str(Path(out) / "model.pt"), artifact_path="checkpoint")
+            log_model(uri, run_id, variant, weights, state["config"])  # MLflow's format, registered
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as err:
         # Ctrl-C during fit() reaches Ray's own SIGINT handler, which aborts the workers and
