@@ -263,7 +263,8 @@ def test_the_report_renders_in_chromium(browser: str, page: Path, tmp_path: Path
         assert image.size == (1280, 2400)
         grey = image.convert("L").resize((128, 240))
         ink = sum(1 for v in grey.getdata() if v < 200) / (128 * 240)
-    assert ink > 0.03, f"the screenshot is nearly blank ({ink:.1%} ink)"
+    # A blank page has no ink; this report's first 2,400 px (text, tables, two figures) about 3 %.
+    assert ink > 0.01, f"the screenshot is nearly blank ({ink:.1%} ink)"
 
 
 def test_the_dom_holds_every_table_row_and_figure(browser: str, page: Path, tmp_path: Path) -> None:
