@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -138,6 +139,48 @@ def _fwd_bwd_rate(model: torch.nn.Module, images: torch.Tensor, ctx: Context) ->
     return images.shape[0] / _timed(fwd_bwd, ctx.device, s.warmup, max(1, s.steps // 2), 1)
 
 
+def _compare(
+    name: str, ctx: Context, plain_attention: Any
+) -> tuple[tuple[float, float, int], tuple[float, float]]:
+    """Max relative logit difference (fp32, bf16) of the fused and plain formulations, the layers
+    switched, and the best of two interleaved fwd+bwd images/s of each."""
+    s, device = ctx.sizes, ctx.device
+    model = _create(name, ctx, s.img, device, num_classes=1000).eval()
+    images = torch.randn(s.batch, 3, s.img, s.img, device=device)
+    with torch.no_grad():
+        check = images[:8]
+        fused32 = model(check)
+        with plain_attention(model) as switched:
+            plain32 = model(check)
+        with _autocast(device):
+            fused16 = model(check).float()
+            with plain_attention(model):
+                plain16 = model(check).float()
+    diff32 = ((fused32 - plain32).abs().max() / plain32.abs().max()).item()
+    diff16 = ((fused16 - plain16).abs().max() / plain16.abs().max()).item()
+    model.train()
+    rates: dict[str, list[float]] = {"fused": [], "plain": []}
+    for _ in range(2):  # interleaved, so drifting clocks hit both alike
+        rates["fused"].append(_fwd_bwd_rate(model, images, ctx))
+        with plain_attention(model):
+            rates["plain"].append(_fwd_bwd_rate(model, images, ctx))
+    return (diff32, diff16, switched), (max(rates["fused"]), max(rates["plain"]))
+
+
+def _failed(rec: Recorder, model: str, setting: str, err: BaseException, device: torch.device) -> None:
+    """Record a setting that raised (the part goes on with the next one)."""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    rec.row(
+        model,
+        setting,
+        f"failed: {type(err).__name__}: {first}",
+        verdict="error",
+        error=traceback.format_exception(err),
+    )
+    rec.errors += 1
+    _free(device)
+
+
 # ------------------------------------------------------------------ the parts
 
 
@@ -233,15 +276,21 @@ def part_a(ctx: Context, rec: Recorder) -> None:
     rec.row(
         "bf16 matmul", f"{s.matmul_n}^3", f"{peak / 1e12:.1f} TFLOP/s", verdict="measured peak", flops=peak
     )
-    for name in MFU_MODELS:
-        img = s.dvt_img if name.startswith("dvt") else s.img
-        macs = _macs(name, ctx, img)
-        goal = f">= {MFU_GOAL:.0%} MFU" if name == "t2t_vit_14" else ""
-        for label, flags in FLAG_SETS.items():
+    sides = {name: s.dvt_img if name.startswith("dvt") else s.img for name in MFU_MODELS}
+    all_macs = {name: _macs(name, ctx, img) for name, img in sides.items()}
+    # Flag by flag, so that the eager figures of every model come before the first compilation.
+    for label, flags in FLAG_SETS.items():
+        for name, img in sides.items():
+            macs = all_macs[name]
+            goal = f">= {MFU_GOAL:.0%} MFU" if name == "t2t_vit_14" else ""
             if flags.get("compile") and not s.compile:
                 rec.row(name, label, "not run", verdict="compile skipped on CPU (--smoke)", flags=label)
                 continue
-            rate, first = _train_rate(name, ctx, img, **flags)
+            try:
+                rate, first = _train_rate(name, ctx, img, **flags)
+            except Exception as err:  # noqa: BLE001 - one setting's failure (OOM, compile) is a finding
+                _failed(rec, name, label, err, device)
+                continue
             mfu = rate * macs * 3 * 2 / peak
             verdict = ("met" if mfu >= MFU_GOAL else "missed") if goal else ""
             result = f"{_rate(rate)}, MFU {100 * mfu:.1f} %"
@@ -268,27 +317,12 @@ def part_b(ctx: Context, rec: Recorder) -> None:
 
     s, device = ctx.sizes, ctx.device
     for name in SPEED_MODELS:
-        model = _create(name, ctx, s.img, device, num_classes=1000)
-        images = torch.randn(s.batch, 3, s.img, s.img, device=device)
-        model.eval()
-        with torch.no_grad():
-            check = images[:8]
-            fused32 = model(check)
-            with plain_attention(model) as switched:
-                plain32 = model(check)
-            with _autocast(device):
-                fused16 = model(check).float()
-                with plain_attention(model):
-                    plain16 = model(check).float()
-        diff32 = ((fused32 - plain32).abs().max() / plain32.abs().max()).item()
-        diff16 = ((fused16 - plain16).abs().max() / plain16.abs().max()).item()
-        model.train()
-        rates: dict[str, list[float]] = {"fused": [], "plain": []}
-        for _ in range(2):  # interleaved, so drifting clocks hit both alike
-            rates["fused"].append(_fwd_bwd_rate(model, images, ctx))
-            with plain_attention(model):
-                rates["plain"].append(_fwd_bwd_rate(model, images, ctx))
-        fused, plain = max(rates["fused"]), max(rates["plain"])
+        setting = "fused vs plain, fwd+bwd bf16, eager"
+        try:
+            (diff32, diff16, switched), (fused, plain) = _compare(name, ctx, plain_attention)
+        except Exception as err:  # noqa: BLE001 - one model's failure (OOM) is a finding
+            _failed(rec, name, setting, err, device)
+            continue
         agree = diff32 <= 1e-3 and diff16 <= 5e-2
         rec.checks[f"{name} outputs agree"] = agree
         result = (
@@ -298,7 +332,7 @@ def part_b(ctx: Context, rec: Recorder) -> None:
         verdict = ("met" if fused / plain >= SPEED_GOAL else "missed") + ("" if agree else ", DISAGREE")
         rec.row(
             name,
-            "fused vs plain, fwd+bwd bf16, eager",
+            setting,
             result,
             f">= {SPEED_GOAL}x; outputs agree",
             verdict,
@@ -311,7 +345,6 @@ def part_b(ctx: Context, rec: Recorder) -> None:
             batch=s.batch,
             img_size=s.img,
         )
-        del model, images
         _free(device)
 
 
@@ -504,13 +537,14 @@ def part_e(ctx: Context, rec: Recorder) -> None:
     from pipeline.train.loop import LocalSession, RunSpec, fit
 
     s = ctx.sizes
-    per_epoch = (s.classes * s.train_per_class) // s.fit_batch
+    per_epoch = min((s.classes * s.train_per_class) // s.fit_batch, s.fit_steps)
     train = TrainConfig(
         img_size=s.fit_img,
         epochs=2,
         warmup_epochs=0.2,
         cooldown_epochs=0,
         batch_size=s.fit_batch,
+        max_steps_per_epoch=per_epoch,
         lr=1e-3,
         weight_decay=0.05,
         drop_path_rate=0.0,

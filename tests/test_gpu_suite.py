@@ -63,7 +63,7 @@ def test_smoke_suite_writes_both_files_with_every_part(tmp_path: Path) -> None:
     exits = next(r for r in report["parts"]["c"]["rows"] if "exit_fractions" in r)
     assert sum(exits["exit_fractions"]) == pytest.approx(1.0) and len(exits["stage_macs"]) == 3
     checks = report["parts"]["e"]["checks"]
-    assert checks["step 11 loss equal after resume"] and checks["no NaN/inf (losses, weights)"]
+    assert checks["step 6 loss equal after resume"] and checks["no NaN/inf (losses, weights)"]
     assert "loss falls" in checks
 
 
@@ -118,7 +118,21 @@ def test_a_failing_part_is_recorded_and_the_table_says_so(
     }
     table = gpu_suite.markdown(report)
     assert "| c | m | s | half done |" in table
-    assert "| c | DVT early exit | | **error: ValueError: the reason** | | not measured |" in table
+    assert "| c | DVT early exit | | **error: ValueError: the reason** | | incomplete |" in table
+
+
+def test_a_failing_setting_is_a_row_and_the_part_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import gpu_parts, gpu_suite
+
+    monkeypatch.setattr(gpu_parts, "SPEED_MODELS", ("no_such_model", "deit_small_paper"))
+    rec = gpu_suite.Recorder(tmp_path / "b.json")
+    gpu_parts.part_b(gpu_suite.Context(gpu_suite.SMOKE_SIZES, True, "cpu", tmp_path, {}), rec)
+    failed, done = rec.rows
+    assert failed["table"]["result"].startswith("failed: RuntimeError: Unknown model")
+    assert failed["table"]["verdict"] == "error" and rec.errors == 1
+    assert done["table"]["model"] == "deit_small_paper" and done["speedup"] > 0
 
 
 def _tiny(name: str, img: int) -> torch.nn.Module:
