@@ -8,9 +8,10 @@ and set ``eta_k`` to the confidence of the ``floor(n * p_k)``-th remaining one. 
 ``p_k ∝ q^k`` for ``q = i / 20, i = 1..59`` traces an accuracy-versus-average-MACs curve, from which
 :func:`best_under_budget` picks the most accurate setting that fits a budget.
 
-Unlike the authors' script, the held-out subset is drawn with a seed (:func:`holdout_split`), so the
-thresholds are reproducible. Everything here is numpy on arrays shaped (stages, samples[, classes]);
-:mod:`pipeline.dvt.inference` produces them from a model.
+The calibration images are drawn with a seed (:func:`holdout_split`; the ``tune_dvt`` stage draws
+them from the training split, as the authors do, or from part of the validation split), so unlike
+the authors' script the thresholds are reproducible. Everything here is numpy on arrays shaped
+(stages, samples[, classes]); :mod:`pipeline.dvt.inference` produces them from a model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = [
 
 
 def holdout_split(num_samples: int, holdout: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of ``range(num_samples)`` into held-out and remaining indices.
+    """A seeded random split of ``range(num_samples)`` into a subset and the rest.
 
     Args:
         num_samples: Size of the set to split.
@@ -46,7 +47,7 @@ def holdout_split(num_samples: int, holdout: int | float, seed: int) -> tuple[np
         seed: Seed of the permutation; the same seed gives the same split.
 
     Returns:
-        ``(held_out, rest)``, each sorted.
+        ``(subset, rest)``, each sorted.
     """
     if isinstance(holdout, float):
         if not 0.0 < holdout < 1.0:
@@ -218,8 +219,9 @@ def budget_curve(
 ) -> list[CurvePoint]:
     """Accuracy versus average MACs over the proportions sweep.
 
-    Thresholds are calibrated on ``calib_probs`` (held-out samples; no labels needed) and evaluated on
-    ``eval_probs``/``eval_labels``, as the authors calibrate on training images and report validation.
+    Thresholds are calibrated on ``calib_probs`` (no labels needed) and evaluated on
+    ``eval_probs``/``eval_labels``: other images, as the authors calibrate on training images and
+    report on validation images.
 
     Args:
         calib_probs: Softmax probabilities of the held-out samples (stages, samples, classes).

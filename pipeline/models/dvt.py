@@ -192,6 +192,24 @@ class ReuseAttention(Attention):
         x = self.proj_drop(self.proj(self.norm(x)))
         return x, logits
 
+    def forward_with_bias(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over ``x`` (B, N, C) adding ``bias`` (B, heads, N, N) to the scaled logits, without
+        returning them: timm's fused kernel with the bias as its additive mask (the same numbers as
+        :meth:`forward_with_logits` up to float rounding)."""
+        if bias is None:
+            return self(x)
+        if self.gate is not None or not self.fused_attn:
+            return self.forward_with_logits(x, bias)[0]
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.0
+        )
+        x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
 
 class ReuseBlock(Block):
     """timm's pre-norm ``Block`` with DVT's feature-reuse hook and :class:`ReuseAttention`.
@@ -333,10 +351,10 @@ class ReuseBlock(Block):
             raise ValueError("features must be given exactly when the block was built with reuse_dim > 0")
         h = self.norm1(x)
         logits = None
-        if bias is not None or return_logits:
+        if return_logits:
             h, logits = self.attn.forward_with_logits(h, bias)
         else:
-            h = self.attn(h)
+            h = self.attn.forward_with_bias(h, bias)
         x = x + self.drop_path1(self.ls1(h))
         h = x if features is None else torch.cat([x, features.to(x.dtype)], dim=-1)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(h))))
@@ -525,12 +543,12 @@ class DynamicVisionTransformer(nn.Module):
         is_last = index == self.num_exits - 1
         keep_logits = self.relation_reuse and not is_last
 
+        features: Sequence[torch.Tensor | None] = [None] * len(stage.blocks)
+        if self.feature_reuse and index > 0:
+            features = _reuse_features(stage.blocks, upstream, grid, prefix)
         layer_logits = []
-        for block, bias in zip(stage.blocks, biases, strict=True):
-            features = None
-            if self.feature_reuse and index > 0:
-                features = block.reuse_features(upstream, grid, prefix)
-            tokens, logits = block.forward_with_reuse(tokens, features, bias, return_logits=keep_logits)
+        for block, bias, reused in zip(stage.blocks, biases, features, strict=True):
+            tokens, logits = block.forward_with_reuse(tokens, reused, bias, return_logits=keep_logits)
             if keep_logits:
                 layer_logits.append(logits)
         out = stage.forward_head(stage.norm(tokens))
@@ -575,6 +593,23 @@ class DynamicVisionTransformer(nn.Module):
             macs.append(count_macs(probe, img_size, in_chans))
             upstream = probe.state
         return macs
+
+
+def _reuse_features(
+    blocks: Sequence[ReuseBlock], upstream: ReuseState, grid: tuple[int, int], num_prefix_tokens: int
+) -> list[torch.Tensor]:
+    """Every block's ``E_l`` (:meth:`ReuseBlock.reuse_features`), with one resize for all of them.
+
+    Each ``f_l`` runs on the upstream tokens as before; the maps are then resized together (resizing
+    acts per channel), which saves a resize and its copies per block.
+    """
+    if upstream.tokens is None:
+        raise ValueError("the upstream state carries no tokens (built without feature reuse)")
+    prefix = upstream.num_prefix_tokens
+    maps = torch.cat([block.reuse_mlp(upstream.tokens)[:, prefix:] for block in blocks], -1)
+    maps = resize_grid(maps.transpose(1, 2).unflatten(-1, upstream.grid), grid).flatten(2).transpose(1, 2)
+    maps = F.pad(maps, (0, 0, num_prefix_tokens, 0))
+    return list(maps.split([block.reuse_dim for block in blocks], dim=-1))
 
 
 def _relation_channels(stage: VisionTransformer) -> int:
