@@ -230,7 +230,13 @@ def make_data(ctx: Context, rec: Recorder) -> None:
         show_progress=False,
     )
     shutil.rmtree(source)
-    rec.info(images=len(jobs), image_size=s.data_img, render_s=rendered, shard_s=run.seconds)
+    rec.info(
+        images=len(jobs),
+        image_size=s.data_img,
+        render_s=rendered,
+        shard_s=run.seconds,
+        shard_workers=run.started,
+    )
 
 
 _RENDER: dict[str, Any] = {}
