@@ -101,6 +101,22 @@ def chromium() -> str:
     pytest.skip(f"cannot install chromium with apt-get: {_why_not(output)}")
 
 
+@pytest.mark.parametrize(
+    ("apt_output", "reason"),
+    [
+        ("Err:1 http://deb.debian.org bookworm InRelease\n  Temporary failure resolving 'deb.debian.org'",
+         "no network (Temporary failure resolv)"),
+        ("Reading package lists...\nE: Unable to locate package chromium",
+         "E: Unable to locate package chromium"),
+        ("E: Could not open lock file /var/lib/dpkg/lock-frontend - open (13: Permission denied)\n",
+         "E: Could not open lock file /var/lib/dpkg/lock-frontend - open (13: Permission denied)"),
+        ("", "no output"),
+    ],
+)  # fmt: skip
+def test_an_impossible_install_is_skipped_with_apt_gets_reason(apt_output: str, reason: str) -> None:
+    assert _why_not(apt_output) == reason
+
+
 def _run(binary: str, tmp: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     profile = tmp / f"profile-{time.monotonic_ns()}"
     return subprocess.run(
