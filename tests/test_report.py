@@ -368,7 +368,11 @@ def test_html_is_self_contained_and_links_every_measured_row_to_its_run(
     assert not page.tags & {"script", "link", "iframe", "object"}
     html = (built / "index.html").read_text(encoding="utf-8")
     assert "url(" not in html and 'src="http' not in html
-    assert all(link.startswith((UI + "/#/experiments/", "#")) or link == UI for link in page.links)
+    targets = (f"{UI}/#/experiments/", f"{UI}/#/models/", "#")
+    assert all(link.startswith(targets) or link == UI for link in page.links)
+    # Each measured variant's registered model (models:/<variant>@best), linked once.
+    models = [link for link in page.links if "/#/models/" in link]
+    assert models == [f"{UI}/#/models/{v[0]}" for v in VARIANTS]
     exp = MlflowClient(study.uri).get_experiment_by_name(EXPERIMENT).experiment_id
     rows = [a for t, a in page.rows if t == "comparison" and "data-variant" in a]
     assert [a["data-variant"] for a in rows] == [v[0] for v in VARIANTS]

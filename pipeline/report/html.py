@@ -154,6 +154,15 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
         + f". MLflow experiment <code>{escape(study.experiment or '—')}</code>; run links open the MLflow UI "
         f'at <a href="{ui}">{ui}</a> (<code>./run ui</code>; set <code>MLFLOW_UI_URL</code> for another '
         "server).</p>",
+        "<p>Each training's final model is in MLflow's model registry under its variant's name, the best "
+        "run's version aliased <code>@best</code>: <code>mlflow.pytorch.load_model(\"models:/&lt;variant&gt;"
+        "@best\")</code> loads it. "
+        + ", ".join(
+            f'<a href="{ui}/#/models/{escape(v.variant, quote=True)}">{escape(v.variant)}</a>'
+            for v in study.variants
+            if v.measured is not None
+        )
+        + ".</p>",
         "<p>Counting conventions, on every measured row: parameters are all tensors (frozen position tables "
         "and Performer features included); MACs are all matrix multiplications (every linear layer, both "
         "attention products) at the training resolution. The papers' numbers are ImageNet-1k at 224 px "
