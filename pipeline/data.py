@@ -21,7 +21,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,8 +32,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import Store, read_manifest
+from pipeline.storage import HashingStream, shard_ends_problem
 
 log = logging.getLogger(__name__)
+Records = dict[str, dict[str, Any]]  # shard url -> its manifest record
 
 
 class SampleError(RuntimeError):
@@ -43,6 +47,18 @@ def shard_urls(folder: str | Path, split: str) -> tuple[list[str], int]:
     entry = read_manifest(folder)["splits"][split]
     store = Store(folder)
     return [store.url_of(s["name"]) for s in entry["shards"]], int(entry["count"])
+
+
+def shard_records(folder: str | Path, split: str) -> dict[str, dict[str, Any]]:
+    """url -> the manifest's record of that shard (``samples``, ``bytes``, ``sha256``): what a reader
+    checks each shard against (:class:`ShardList`)."""
+    store = Store(folder)
+    return {store.url_of(s["name"]): s for s in read_manifest(folder)["splits"][split]["shards"]}
+
+
+#: Set to 1 to check each shard's sha256 against the manifest the first time a process reads it.
+VERIFY_SHA256_ENV = "STUDY_VERIFY_SHARDS_SHA256"
+_VERIFIED: set[str] = set()  # shards whose sha256 this process has checked
 
 
 _FIX = "re-run the shard stage (dvc repro -f -s shard), which rewrites shards whose sha256 does not match"
@@ -76,16 +92,36 @@ class ShardList(IterableDataset):
     opens and expands one shard at a time, in this order) and how many samples each shard gave
     (:meth:`count`, a stage placed after the tar reader).
 
+    A tar reader stops without error at a cut that falls on a member boundary or at a zeroed
+    block, so before a shard is read its two closing zero blocks are required, and with
+    ``expected`` (:func:`shard_records`) it is checked against the manifest: its size before it
+    is read; its sample count once read to its end; and, with ``verify_sha256`` (or
+    ``STUDY_VERIFY_SHARDS_SHA256=1``), its sha256 the first time this process reads it. A
+    mismatch raises :class:`SampleError` naming the shard.
+
     Args:
         urls: shard locations: paths, ``file:``, ``pipe:``, ``http(s)://`` or any fsspec URI.
         cycle: start over after the last shard (training); a whole pass without a sample is an error.
+        expected: url -> manifest record, for the checks above (None: no checks).
+        verify_sha256: hash every shard on its first read (default: the environment variable).
     """
 
-    def __init__(self, urls: Iterable[str], *, cycle: bool = False) -> None:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        cycle: bool = False,
+        expected: dict[str, dict[str, Any]] | None = None,
+        verify_sha256: bool | None = None,
+    ) -> None:
         super().__init__()
         self.urls, self.cycle = list(urls), cycle
         self.current: str | None = None
         self.seen: dict[str, int] = {}
+        self.expected = expected or {}
+        env = os.environ.get(VERIFY_SHA256_ENV, "") == "1"
+        self.verify_sha256 = env if verify_sha256 is None else verify_sha256
+        self.pending: deque[tuple[str, Any]] = deque()
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         _register_schemes(self.urls)
@@ -115,17 +151,76 @@ class ShardList(IterableDataset):
             raise SampleError(f"shard {self.current} is missing: {_FIX}") from exn
         raise SampleError(f"shard {self.current} is unreadable ({reason}): {_FIX}") from exn
 
+    def open(self, src: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage, webdataset's ``url_opener`` with the checks before reading."""
+        from webdataset.gopen import gopen
+
+        for sample in src:
+            url, expect = sample["url"], self.expected.get(sample["url"])
+            try:
+                if problem := shard_ends_problem(url, expect):
+                    raise SampleError(f"shard {url} {problem}; {_FIX}")
+                stream = gopen(url)
+            except SampleError:
+                raise
+            except Exception as exn:  # noqa: BLE001 - named by the handler, with the fix
+                self.fail(exn)
+            if expect is not None and self.verify_sha256 and url not in _VERIFIED:
+                stream = HashingStream(stream)
+            self.pending.append((url, stream))
+            yield {**sample, "stream": stream}
+
+    def check(self, files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage between webdataset's tar expander and its grouping: at each shard's end
+        (the expander's empty end-of-shard marker), its sample count and, if asked, its sha256."""
+        from webdataset.tariterators import base_plus_ext
+
+        keys: set[str] = set()
+        for f in files:
+            if f == {}:
+                url, stream = self.pending.popleft()
+                self._verify(url, len(keys), stream)
+                keys = set()
+            elif "fname" in f:
+                keys.add(base_plus_ext(f["fname"])[0])
+            yield f
+
+    def _verify(self, url: str, count: int, stream: Any) -> None:
+        expect = self.expected.get(url)
+        if expect is None:
+            return
+        if count != int(expect["samples"]):
+            raise SampleError(
+                f"shard {url} holds {count} samples, its manifest record {expect['samples']}: it was cut or "
+                f"zeroed after it was written (a tar reader stops silently there); {_FIX}"
+            )
+        if isinstance(stream, HashingStream):
+            if (digest := stream.finish()) != expect["sha256"]:
+                raise SampleError(
+                    f"shard {url}: sha256 {digest}, its manifest record {expect['sha256']}; {_FIX}"
+                )
+            _VERIFIED.add(url)
+
     def samples(self) -> Any:
         """The samples of these shards in order, as webdataset dicts (``__key__``, ``__url__``,
-        ``jpg``, ``cls``...): webdataset's tar reader, then :meth:`count`."""
+        ``jpg``, ``cls``...): :meth:`open`, webdataset's tar expander, :meth:`check`, webdataset's
+        grouping into samples, then :meth:`count`."""
         import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        return wds.DataPipeline(self, wds.tarfile_to_samples(handler=self.fail), self.count)
+        return wds.DataPipeline(
+            self,
+            self.open,
+            lambda streams: tar_file_expander(streams, handler=self.fail),
+            self.check,
+            lambda files: group_by_keys(files, handler=self.fail),
+            self.count,
+        )
 
 
-def read_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """The samples of ``urls`` in order (:class:`ShardList`), read by webdataset."""
-    return iter(ShardList(urls).samples())
+def read_samples(urls: list[str], expected: Records | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of ``urls`` in order (:class:`ShardList`, checked against ``expected``)."""
+    return iter(ShardList(urls, expected=expected).samples())
 
 
 def decode_sample(sample: dict[str, Any], transform: Callable) -> tuple[torch.Tensor, int]:
@@ -162,6 +257,7 @@ class ShardStream(IterableDataset):
             with ``seed`` so assignment changes every epoch but agrees across ranks. If None
             (evaluation), each sample of the split is yielded by exactly one consumer, once.
         shuffle_buffer: in-memory sample shuffle (training only).
+        expected: url -> manifest record: each shard is checked against it (:class:`ShardList`).
     """
 
     def __init__(
@@ -175,9 +271,10 @@ class ShardStream(IterableDataset):
         batch_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 512,
+        expected: Records | None = None,
     ) -> None:
         super().__init__()
-        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.urls, self.rank, self.world_size, self.expected = list(urls), rank, world_size, expected
         self.transform, self.batches_per_rank, self.batch_size = transform, batches_per_rank, batch_size
         self.seed, self.shuffle_buffer, self.epoch, self.skip = seed, shuffle_buffer, 0, 0
 
@@ -206,7 +303,7 @@ class ShardStream(IterableDataset):
             # Split by consumer, as webdataset's split_by_node then split_by_worker would, but with
             # the rank given (tests run several ranks in one process). May be empty: more consumers
             # than shards leaves this one nothing to evaluate.
-            shards = ShardList(self.urls[consumer::consumers])
+            shards = ShardList(self.urls[consumer::consumers], expected=self.expected)
             return wds.DataPipeline(shards.samples(), wds.map(decode))
 
         urls = list(self.urls)
@@ -220,7 +317,8 @@ class ShardStream(IterableDataset):
         skipped = min(owned, self.skip // workers + (1 if worker < self.skip % workers else 0))
         rng = random.Random(f"{self.seed}-{self.epoch}-{consumer}")
         return wds.DataPipeline(
-            ShardList(mine, cycle=True).samples(),  # cycled: a consumer with few samples starts over
+            # Cycled: a consumer with few samples starts over.
+            ShardList(mine, cycle=True, expected=self.expected).samples(),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng),
             # Exactly the quota, the same on every rank; a resumed epoch skips its first batches
             # before they are decoded.
@@ -260,6 +358,7 @@ def build_train_loader(
         batches_per_rank=steps * accumulation,
         batch_size=micro,
         seed=seed,
+        expected=shard_records(folder, "train"),
     )
     loader = DataLoader(
         dataset,
@@ -282,7 +381,9 @@ def build_eval_loader(
 ) -> tuple[DataLoader, int]:
     """The validation loader (every sample once over all ranks) and the split's sample count."""
     urls, count = shard_urls(folder, "val")
-    dataset = ShardStream(urls, rank=rank, world_size=world_size, transform=transform)
+    dataset = ShardStream(
+        urls, rank=rank, world_size=world_size, transform=transform, expected=shard_records(folder, "val")
+    )
     workers = min(loader_workers, max(0, math.ceil(len(urls) / world_size)))
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers), count
 

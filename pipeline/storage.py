@@ -11,6 +11,7 @@ heartbeat, so two processes never own the same output at once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -348,3 +349,48 @@ def describe(record: dict[str, Any]) -> str:
     where = f"pid {record.get('pid', '?')} on {record.get('host', '?')}"
     job = record.get("submission_id") or record.get("ray_job_id")
     return f"{where} ({'job ' + job + ', ' if job else ''}{record.get('what', '')})".replace(", )", ")")
+
+
+# --- tar shards ------------------------------------------------------------------------------------
+
+
+class HashingStream:
+    """A read-only stream that hashes what passes through; :meth:`finish` reads the rest and
+    returns the sha256. ``close`` waits for :meth:`finish` (a tar reader may close early)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):
+            pass
+        self.stream.close()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        pass
+
+
+def shard_ends_problem(url: str, expect: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with the end of a tar shard on a file system or object store, or None: it
+    must end with the two zero blocks of a complete tar (a tar reader stops silently at a cut on a
+    member boundary) and, with ``expect`` (its manifest record), be ``expect["bytes"]`` long.
+    ``pipe:`` and ``http(s)://`` shards are not checked."""
+    import fsspec
+
+    if url.startswith(("pipe:", "http://", "https://")):
+        return None
+    fs, path = fsspec.core.url_to_fs(url)
+    size = fs.size(path)
+    if expect is not None and size != int(expect["bytes"]):
+        return f"is {size} bytes, its manifest record {expect['bytes']}: it was cut or replaced"
+    with fs.open(path, "rb") as fh:
+        fh.seek(max(0, size - 1024))
+        if size < 1024 or fh.read(1024) != bytes(1024):
+            return "does not end with a tar's two zero blocks: it is cut"
+    return None

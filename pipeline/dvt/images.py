@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DVTConfig
-from pipeline.data import decode_sample, read_samples, shard_urls
+from pipeline.data import decode_sample, read_samples, shard_records, shard_urls
 from pipeline.dvt.thresholds import holdout_split
 
 __all__ = ["ImageSet", "image_sets", "iter_batches", "predict"]
@@ -73,7 +73,7 @@ def iter_batches(
     urls, _ = shard_urls(shards, images.split)
     wanted = images.indices
     position, batch, labels = 0, [], []
-    for index, sample in enumerate(read_samples(urls)):
+    for index, sample in enumerate(read_samples(urls, shard_records(shards, images.split))):
         if position == wanted.size:
             break
         if index != wanted[position]:
