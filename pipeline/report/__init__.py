@@ -33,6 +33,13 @@ from pathlib import Path
 from pipeline.report.collect import Epoch, ReportError, Study, collect, ui_base
 from pipeline.report.html import write_html
 from pipeline.report.plots import FIGURES, write_figures
+from pipeline.report.published import (
+    add_to_comparison,
+    dvt_published_figure,
+    published_table,
+    read_published,
+    write_figure,
+)
 from pipeline.report.table import Table, write_table
 from pipeline.report.tables import build_tables, metrics_json
 
@@ -90,11 +97,21 @@ def build_report(
     study = collect(results_dir, variants, tracking_uri, cascades=cascades, base=ui_url, epoch=epoch)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(study)
+    # The evaluate stages' checkpoints (results/pretrained/*.json): a column group of comparison,
+    # their own table and, for DVT files, a figure (pipeline/report/published.py).
+    published = read_published(results_dir, tracking_uri, study.ui_base)
+    for table in tables:
+        add_to_comparison(table, study, published)
+    if published:
+        tables.append(published_table(published))
     for table in tables:
         write_table(table, out)
     (out / "metrics.json").write_text(json.dumps(metrics_json(study, tables), indent=2) + "\n")
     write_curves(study, out / "curves")
     figures = write_figures(study, out)
+    if (extra := dvt_published_figure(published)) is not None:
+        write_figure(extra, study, out)
+        figures = [*figures, extra]
     page = write_html(study, tables, figures, out)
     log.info(
         "report: %d of %d variants measured, %d of %d DVT cascades tuned -> %s",

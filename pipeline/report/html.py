@@ -136,13 +136,26 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
         (
             "t2t-vs-vit",
             "T2T-ViT against ViT",
-            [t["comparison"], t["paper_t2t_vs_vit"], f["accuracy_vs_macs"], f["accuracy_vs_params"]],
+            [
+                t["comparison"],
+                *([t["published"]] if "published" in t else []),  # evaluated published checkpoints
+                t["paper_t2t_vs_vit"],
+                f["accuracy_vs_macs"],
+                f["accuracy_vs_params"],
+            ],
         ),
         ("cnn-to-vit", "From CNN to ViT", [t["cnn_to_vit"]]),
         (
             "dvt",
             "DVT: dynamic tokens under a budget",
-            [t["dvt_budgets"], f["dvt_vs_static"], t["dvt_speed"], f["dvt_exits"], t["dvt_reuse"]],
+            [
+                t["dvt_budgets"],
+                f["dvt_vs_static"],
+                *([f["dvt_published"]] if "dvt_published" in f else []),  # a released cascade's curve
+                t["dvt_speed"],
+                f["dvt_exits"],
+                t["dvt_reuse"],
+            ],
         ),
         ("training", "Training curves", [f["training_curves"]]),
         ("provenance", "Provenance and counting", [provenance_table(study)]),
