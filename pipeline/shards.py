@@ -248,12 +248,16 @@ class _Digest:
 
 
 def tar_writer(stream: Any) -> Any:
-    """``webdataset.TarWriter`` on ``stream`` with fixed metadata (mtime 0, mode 0444, no owner names):
+    """``webdataset.TarWriter`` on ``stream`` with fixed metadata (mtime 0, mode 0444, no owner names, USTAR):
     the same samples give byte-identical tars on any machine, at any time. Samples are dicts of bytes;
     members are written in sorted suffix order (``.cls``, ``.jpg``, ``.json``)."""
     import webdataset as wds
 
-    return wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
+    writer = wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
+    # USTAR, as the shards have always been written: tarfile's default (PAX) adds an extended header
+    # to a name over 100 bytes. (webdataset 1.0.2 takes a format argument but does not pass it on.)
+    writer.tarstream.format = tarfile.USTAR_FORMAT
+    return writer
 
 
 @dataclass(frozen=True)

@@ -329,6 +329,21 @@ def test_shards_are_plain_tars_with_fixed_metadata(images: Path, tmp_path: Path)
         assert {(m.mtime, m.mode, m.uname, m.gname, m.isreg()) for m in members} == {(0, 0o444, "", "", True)}
 
 
+@pytest.mark.parametrize("key", ["n01440764/n01440764_10026", "x" * 40 + "/" + "y" * 90, "n01/caf\u00e9"])
+def test_members_are_the_ustar_bytes_tarfile_writes(key: str) -> None:
+    sample = {"__key__": key, "cls": b"7", "jpg": bytes(range(256)) * 3, "json": b"{}"}
+    ours = io.BytesIO()
+    with shards_module.tar_writer(ours) as tar:
+        tar.write(sample)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w|", format=tarfile.USTAR_FORMAT) as out:
+        for suffix in ("cls", "jpg", "json"):
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[suffix]), 0, 0o444, "", ""
+            out.addfile(info, io.BytesIO(sample[suffix]))
+    assert ours.getvalue() == expected.getvalue()
+
+
 @pytest.mark.parametrize("converted_from", [None, "cmyk", "png"])
 def test_sample_json_is_json_dumps_byte_for_byte(converted_from: str | None) -> None:
     from pipeline.imagenet import Sample
