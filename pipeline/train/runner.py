@@ -36,6 +36,7 @@ from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
 from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracking_uri
 from pipeline.train.loop import RunSpec, build_model, fit
 from pipeline.train.registry import log_model
+from pipeline.train.results import RUN_FIGURES, results_record
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,44 @@ def _resumable_run(client: Any, experiment_id: str, variant: str, phash: str, ru
 
 
 def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Path) -> dict[str, Any]:
-    """Train one variant on Ray, track it in MLflow, and write ``results_dir/<variant>.json``.
+    """Train one variant once per seed of ``train.seeds`` and write ``results_dir/<variant>.json``.
+
+    Each seed is its own training: its own MLflow run (tag ``seed``), Ray run and checkpoints. The
+    results file lists every run and gives each figure as the mean over the seeds, with its sample
+    standard deviation and n (:mod:`pipeline.stats`).
 
     Returns:
         The result record (also written to the JSON file).
+
+    Raises:
+        TrackingUnavailable: the MLflow store cannot be reached (before anything starts).
+        TrainingFailed: a training failed; the seeds before it stay finished in MLflow, and a
+            re-run resumes the failed one from its last checkpoint.
+    """
+    import ray
+
+    seeds = cfg.train_for(variant).seeds
+    started_ray = _init_ray()  # one Ray instance for every seed
+    try:
+        runs = [_train_seed(cfg, variant, seed, root=root) for seed in seeds]
+    finally:
+        if started_ray:
+            ray.shutdown()
+    record = results_record(cfg, variant, runs)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
+    top1 = (record["summary"]["top1"] or {}).get("text", "n/a")
+    out = results_dir / f"{variant}.json"
+    log.info("%s: val top-1 %s over %d seed(s) -> %s", variant, top1, len(runs), out)
+    return record
+
+
+def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dict[str, Any]:
+    """Train ``variant`` with ``seed`` on Ray, tracked in its own MLflow run.
+
+    Returns:
+        The run's record: seed, run id, model size and cost, and its
+        :data:`~pipeline.train.results.RUN_FIGURES`.
 
     Raises:
         TrackingUnavailable: the MLflow store cannot be reached (before anything starts).
@@ -231,7 +266,8 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
 
     from pipeline.models.cost import count_macs, count_params
 
-    vcfg, tcfg = cfg.variants[variant], cfg.train_for(variant)
+    vcfg, tcfg = cfg.variants[variant], cfg.train_for(variant).for_seed(seed)
+    single = len(cfg.train_for(variant).seeds) == 1
     shards = resolve_output(cfg.data.shards.output, root)  # an absolute folder, or a URI unchanged
     manifest = read_manifest(shards)
     uri = tracking_uri(root)
@@ -271,10 +307,12 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
             "dvc_stage": f"train@{variant}",
             "params_hash": phash,
             "data_manifest_sha256": manifest_sha,
+            "seed": str(seed),
         }
         if os.environ.get("RAY_JOB_ID"):
             tags["ray_job_id"] = os.environ["RAY_JOB_ID"]
-        run_id = client.create_run(experiment_id, run_name=variant, tags=tags).info.run_id
+        run_name = variant if single else f"{variant}-seed{seed}"
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         params = flatten(
             {
                 "variant": variant,
@@ -341,10 +379,8 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
             with result.checkpoint.as_directory() as folder:
                 state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
             metrics = state.get("metrics", metrics)
+            _log_weights(client, run_id, state)
             weights = state["ema"] if state.get("ema") is not None else state["model"]
-            with tempfile.TemporaryDirectory() as out:
-                torch.save({"model": weights, "config": state["config"]}, Path(out) / "model.pt")
-                client.log_artifact(run_id, str(Path(out) / "model.pt"), artifact_path="checkpoint")
             log_model(uri, run_id, variant, weights, state["config"])  # MLflow's format, registered
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as err:
@@ -362,21 +398,25 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
         if started_ray:
             ray.shutdown()
 
-    record = {
-        "variant": variant,
-        "model": vcfg.model,
+    return {
+        "seed": seed,
         "run_id": run_id,
-        "experiment": cfg.tracking.experiment,
-        "epochs": tcfg.epochs,
-        "img_size": tcfg.img_size,
-        "val_top1": metrics.get("val_top1"),
-        "val_top5": metrics.get("val_top5"),
+        "model": vcfg.model,
         "params_m": n_all / 1e6,
         "macs_g": macs / 1e9,
-        "images_per_s": metrics.get("images_per_s"),
+        **{k: metrics.get(k) for k in RUN_FIGURES},
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
-    top1 = record["val_top1"] or float("nan")
-    log.info("%s: val top-1 %.2f %% -> %s", variant, top1, results_dir / f"{variant}.json")
-    return record
+
+
+def _log_weights(client: Any, run_id: str, state: dict[str, Any]) -> None:
+    """The reported weights as run artifacts: ``checkpoint/model.pt`` of the last epoch (the EMA's
+    when on) and ``checkpoint/best.pt`` of the best validation epoch."""
+    last = state["ema"] if state.get("ema") is not None else state["model"]
+    best = state.get("best") or {}
+    with tempfile.TemporaryDirectory() as out:
+        files = {"model.pt": {"model": last, "epoch": state["epoch"], "config": state["config"]}}
+        if best.get("model") is not None:
+            files["best.pt"] = {"model": best["model"], "epoch": best["epoch"], "config": state["config"]}
+        for name, payload in files.items():
+            torch.save(payload, Path(out) / name)
+            client.log_artifact(run_id, str(Path(out) / name), artifact_path="checkpoint")
