@@ -98,8 +98,10 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
         assert run.data.tags["variant"] == v and run.data.tags["git_commit"] != "unknown"
         history = client.get_metric_history(record["run_id"], "val_top1")
         assert len(history) == params["train"]["epochs"]
-        assert [a.path for a in client.list_artifacts(record["run_id"], "checkpoint")] == [
-            "checkpoint/model.pt"
+        # The last epoch's weights and the best validation epoch's (docs/models.md, best or last).
+        assert sorted(a.path for a in client.list_artifacts(record["run_id"], "checkpoint")) == [
+            "checkpoint/best.pt",
+            "checkpoint/model.pt",
         ]
 
     # The DVT study: every reuse combination and both threshold searches, as MLflow child runs.
