@@ -1,6 +1,7 @@
 """DVC stage ``train@<variant>``: train one variant with Ray Train, tracked in MLflow.
 
-Writes ``results/<variant>.json`` (MLflow run id and final metrics). Uses a local Ray instance
+Trains once per seed of ``train.seeds`` (one MLflow run each) and writes ``results/<variant>.json``
+(the runs' ids and final metrics, with mean, std and n over the seeds). Uses a local Ray instance
 unless ``RAY_ADDRESS`` is set, and ``sqlite:///<repo>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is.
 """
 
