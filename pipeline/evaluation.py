@@ -128,6 +128,12 @@ def evaluate_entry(cfg: StudyConfig, name: str, *, root: Path, results_dir: Path
     if entry.export_authors_format:
         from pipeline.pretrained import project_config
 
+        if not entry.model.startswith("t2t_vit"):
+            raise ValueError(
+                f"pretrained.{name}: export_authors_format writes the T2T-ViT authors' format; "
+                f"{entry.model} is not a T2T-ViT"
+            )
+
         config = project_config(path) or {}
         img_size = img_size or config.get("train", {}).get("img_size")
         model_kwargs = {**(config.get("model_kwargs") or {}), **model_kwargs}

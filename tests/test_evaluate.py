@@ -184,3 +184,37 @@ def test_predict_prints_imagenet_names(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert main(["--model", "t2t_vit_7", "--checkpoint", str(tmp_path / "nope.pth"), str(image)]) == 1
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_mlflow_references_resolve_to_the_runs_checkpoint(tmp_path: Path, store: str) -> None:
+    from pipeline.pretrained import create_model, resolve_checkpoint
+
+    torch.manual_seed(0)
+    reference = timm.create_model("t2t_vit_7", img_size=32, num_classes=4, depth=2).eval()
+    config = {"model": "t2t_vit_7", "model_kwargs": {"depth": 2}, "train": {"img_size": 32}, "num_classes": 4}
+    torch.save({"model": reference.state_dict(), "config": config}, tmp_path / "model.pt")
+    client = MlflowClient(store)
+    run = client.create_run(client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_artifact(run.info.run_id, str(tmp_path / "model.pt"), artifact_path="checkpoint")
+    run_id = run.info.run_id
+    for ref in (f"mlflow:{run_id}", run_id, f"runs:/{run_id}/checkpoint/model.pt"):
+        path, source = resolve_checkpoint(ref, root=tmp_path, tracking_uri=store)
+        assert source == run_id and file_sha256(path) == file_sha256(tmp_path / "model.pt")
+    # The stored run spec supplies the model's arguments (depth 2, 32 px, 4 classes).
+    model = create_model("t2t_vit_7", path)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="t2t_vit_7, not t2t_vit_10"):
+        create_model("t2t_vit_10", path)
+    with pytest.raises(FileNotFoundError, match="docs/models.md"):
+        resolve_checkpoint("checkpoints/nope.pth.tar", root=tmp_path)
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "profiles/mini.yaml", "profiles/imagenet.yaml"])
+def test_every_pretrained_entry_names_a_registered_model(root: Path, profile: str) -> None:
+    from pipeline.config import load_config
+
+    cfg = load_config(root / profile)
+    assert {e.model for e in cfg.pretrained.values()} <= set(timm.list_models())
+    for name, entry in cfg.pretrained.items():
+        assert not entry.export_authors_format or entry.model.startswith("t2t_vit"), name
