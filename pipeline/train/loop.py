@@ -235,7 +235,9 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         epoch, step = int(state["epoch"]), int(state["step"])
-        best = state.get("best") or best
+        best = dict(state.get("best") or best)
+        if best["model"] is not None:  # rank 0 keeps the best weights on the CPU, as it took them
+            best["model"] = {k: v.cpu() for k, v in best["model"].items()} if session.rank == 0 else None
         if step >= steps:
             epoch, step = epoch + 1, 0
         log.info("%s: resuming at epoch %d step %d", spec.variant, epoch, step)
