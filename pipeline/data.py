@@ -31,7 +31,8 @@ from typing import Any, BinaryIO
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import Store, read_manifest
+from pipeline.shards import MANIFEST, Store, read_manifest
+from pipeline.shardsets import foreign_urls
 from pipeline.storage import HashingStream, shard_ends_problem
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,13 @@ class SampleError(RuntimeError):
 
 
 def shard_urls(folder: str | Path, split: str) -> tuple[list[str], int]:
-    """Shard locations of ``split`` (absolute paths, or URIs for remote storage) and its sample count."""
-    entry = read_manifest(folder)["splits"][split]
+    """Shard locations of ``split`` (absolute paths, or URIs for remote storage) and its sample count:
+    from the shard stage's ``manifest.json`` in ``folder``, else from a set written by others
+    (:func:`pipeline.shardsets.foreign_urls`: timm's ``_info.json``, or plain ``<split>-*.tar``)."""
     store = Store(folder)
+    if not store.exists(MANIFEST) and (found := foreign_urls(store, split)) is not None:
+        return found
+    entry = read_manifest(folder)["splits"][split]  # raises, naming the file and the fix, if missing
     return [store.url_of(s["name"]) for s in entry["shards"]], int(entry["count"])
 
 
@@ -53,6 +58,8 @@ def shard_records(folder: str | Path, split: str) -> dict[str, dict[str, Any]]:
     """url -> the manifest's record of that shard (``samples``, ``bytes``, ``sha256``): what a reader
     checks each shard against (:class:`ShardList`)."""
     store = Store(folder)
+    if not store.exists(MANIFEST):  # a set written by others: nothing to check against
+        return {}
     return {store.url_of(s["name"]): s for s in read_manifest(folder)["splits"][split]["shards"]}
 
 
@@ -232,7 +239,8 @@ def decode_sample(sample: dict[str, Any], transform: Callable) -> tuple[torch.Te
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(sample["jpg"])) as img:
+        image_bytes = next(sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample)
+        with Image.open(io.BytesIO(image_bytes)) as img:
             image = (
                 transform(img)
                 if getattr(transform, "takes_encoded", False)

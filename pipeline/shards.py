@@ -67,12 +67,14 @@ __all__ = ["MANIFEST", "INDEX", "PARTIAL", "ShardError", "ShardRun", "Store", "r
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 INDEX = "index.parquet"
+#: timm's description of a WebDataset folder (``timm.data.create_dataset("wds/...", root=...)``).
+INFO = "_info.json"
 #: The lease a shard run holds on its output folder (pipeline.storage.Lease: a heartbeat record).
 LOCK_FILE = "shard.lock"
 MANIFEST_VERSION = 2
 #: Files this module writes into the output folder; only these are ever removed from it.
 OWN_FILES = re.compile(
-    r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet)(\.tmp)?$"
+    r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet|_info\.json)(\.tmp)?$"
 )
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -582,6 +584,7 @@ def write_shards(
             # Shards are data: DVC records the manifest's hash in dvc.lock; git should see none of it.
             store.write_atomic(".gitignore", b"# written by pipeline/shards.py: data, tracked by DVC\n*\n")
         store.remove(MANIFEST)  # whatever happens next, no manifest until every shard is done
+        store.remove(INFO)
         partial = _resume(store, _plan_id(listing, plans, settings), plans, workers)
         records = partial["shards"]
         store.write_atomic(PARTIAL, json.dumps(partial, sort_keys=True).encode())
@@ -627,6 +630,7 @@ def write_shards(
             )
         index, manifest = _index_and_manifest(listing, plans, records, settings)
         store.write_atomic(INDEX, index)
+        store.write_atomic(INFO, (json.dumps(timm_info(manifest), indent=2) + "\n").encode())
         store.write_atomic(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         run = ShardRun(manifest, sorted(written), reused, images, time.perf_counter() - tic, started)
         for split, s in manifest["splits"].items():
@@ -636,6 +640,25 @@ def write_shards(
             log.info("%s: %s converted", split, summary)
         log.info("wrote %d shard(s), kept %d; %.0f images/s", len(written), len(reused), run.images_per_s)
         return run
+
+
+def timm_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``_info.json`` for the shards of ``manifest``: per split its shard file names, their
+    sample counts and the total, so ``timm.data.create_dataset("wds/<name>", root=<folder>,
+    split="train")`` (and timm's ``train.py``) read the folder. ``val`` is also listed as
+    ``validation``, the split name timm's ``train.py`` asks for by default."""
+    splits = {}
+    for split, entry in manifest["splits"].items():
+        names = [s["name"] for s in entry["shards"]]
+        lengths = [s["samples"] for s in entry["shards"]]
+        for alias in (split, "validation") if split == "val" else (split,):
+            splits[alias] = {
+                "name": alias,
+                "num_samples": sum(lengths),
+                "filenames": names,
+                "shard_lengths": lengths,
+            }
+    return {"name": "imagenet-shards", "num_classes": len(manifest["classes"]), "splits": splits}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

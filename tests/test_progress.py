@@ -56,11 +56,11 @@ def test_a_line_at_least_every_interval_and_only_on_rank_0() -> None:
 
 
 def test_fit_reports_progress_and_shows_an_evaluation_bar(tiny_shards: Path, capsys) -> None:
-    from test_train_loop import _spec
+    from helpers import tiny_spec
 
     from pipeline.train.loop import LocalSession, fit
 
     session = LocalSession()
-    fit(_spec(tiny_shards, epochs=2, log_every_steps=2), session)  # 48 images / 8 = 6 steps per epoch
+    fit(tiny_spec(tiny_shards, epochs=2, log_every_steps=2), session)  # 48 images / 8 = 6 steps per epoch
     assert [step for step, _ in session.progress_log] == [2, 4, 8, 10]
     assert "evaluate" in capsys.readouterr().err
