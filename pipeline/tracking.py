@@ -149,16 +149,33 @@ def tracked_run(client: Any, run_id: str, *, interrupted: threading.Event | None
 
     The one way training and tuning end their runs, so a crash never leaves a run RUNNING.
     """
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         yield run_id
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
+    except (KeyboardInterrupt, SystemExit) as err:
+        status, error = "KILLED", err
         raise
-    except BaseException:
+    except BaseException as err:
+        error = err
         if interrupted is not None and interrupted.is_set():
             status = "KILLED"
         raise
     finally:
+        _mark_terminated(client, run_id, status, error)
+
+
+def _mark_terminated(client: Any, run_id: str, status: str, error: BaseException | None) -> None:
+    """``set_terminated``; if the store is gone (a stopped server) the block's own error, if any, is
+    what propagates, with a note that the status could not be written: never the store's error."""
+    try:
         client.set_terminated(run_id, status=status)
+    except Exception as err:
+        note = (
+            f"MLflow run {run_id} could not be marked {status} ({type(err).__name__}: {err}); "
+            "it keeps its last status in the store. Checkpoints are kept: re-running resumes."
+        )
+        if error is None:
+            raise TrackingUnavailable(note) from err
+        error.add_note(note)
+        log.error("%s", note)
