@@ -11,10 +11,19 @@ from pathlib import Path
 from pipeline.config import ConfigError, StudyConfig, load_config
 
 
+class _OneDefault(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` only where the help does not state its default already (``(default:
+    from params)``) and there is one to show (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=description, formatter_class=_OneDefault)
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="the study's params file")
     return p
 

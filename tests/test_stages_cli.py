@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_help(root: Path, stage: str) -> None:
     proc = _run([f"stages.{stage}", "--help"], root)
     assert proc.returncode == 0 and "usage" in proc.stdout and "--params" in proc.stdout
+    # One default per option: none says "(default: from params) (default: None)".
+    help_text = " ".join(proc.stdout.split())
+    assert "(default: None)" not in help_text and "(default: params.yaml)" in help_text
+    assert not re.search(r"\(default: [^)]*\) \(default:", help_text), proc.stdout
 
 
 @pytest.mark.parametrize("stage", STAGES)
