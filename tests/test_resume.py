@@ -5,7 +5,6 @@ store that goes away never hides the training's own error. Real MLflow (a SQLite
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from pipeline.storage import LeaseHeld
 from pipeline.train.resume import CheckpointsKept, code_hash, resumable_run, run_key, training_lease
@@ -123,12 +123,6 @@ def test_a_second_trainer_of_the_same_key_fails_at_once_naming_the_first(tmp_pat
         first.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_tracking_server_gone_keeps_the_training_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,7 +133,7 @@ def test_a_tracking_server_gone_keeps_the_training_error(
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     run = client.create_run(client.create_experiment("e")).info.run_id
-    gone = MlflowClient(f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    gone = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(RuntimeError, match="loss is NaN") as caught, tracked_run(gone, run):
         raise RuntimeError("loss is NaN at step 7")
