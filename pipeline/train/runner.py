@@ -6,13 +6,16 @@ resolved params, tags, parameter count and MACs before any worker starts; worker
 single-process tests call, rank 0 logging per-epoch metrics into that run. A local Ray instance
 is started unless ``RAY_ADDRESS`` names a cluster.
 
-Resuming. The Ray run is named ``<variant>-<hash>``, the hash covering the variant's resolved
-recipe, its model and the data manifest. Ray resumes a run of that name from its last checkpoint,
-both after a worker dies (``FailureConfig(max_failures)`` restarts the worker group in place) and
-when an interrupted ``dvc repro`` is run again; the driver then reopens the same MLflow run (its
-id is in the checkpoint and in the run's tags), and rank 0 logs only epochs not logged yet, so
-one training is one MLflow run with every epoch exactly once. A params change gives a new hash,
-hence a fresh run; a finished run of the same hash is never resumed (``dvc repro -f`` retrains).
+Resuming. The Ray run is named ``<variant>-<key>``, the key covering the variant's resolved
+recipe, its model, the data manifest, the tracking store and experiment, and the training code
+(:mod:`pipeline.train.resume`, which also decides when checkpoints may be deleted and holds the
+lease that keeps a second trainer of the same key out). Ray resumes a run of that name from its
+last checkpoint, both after a worker dies (``FailureConfig(max_failures)`` restarts the worker
+group in place) and when an interrupted ``dvc repro`` is run again; the driver then reopens the
+same MLflow run (its id is in the checkpoint and in the run's tags), and rank 0 logs only epochs
+not logged yet, so one training is one MLflow run with every epoch exactly once. A params change
+gives a new key, hence a fresh run; a finished run of the same key is never resumed (``dvc repro
+-f`` retrains, deleting that run's checkpoints only once MLflow confirms it FINISHED).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,14 @@ import torch
 from pipeline.config import StudyConfig, params_hash
 from pipeline.paths import resolve_state
 from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
-from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracking_uri
-from pipeline.train.loop import RunSpec, build_model, fit
+from pipeline.storage import atomic_write, is_uri
+from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracked_run, tracking_uri
+from pipeline.tracking import experiment_id as tracking_experiment
+from pipeline.train.loop import RunSpec, build_model
+from pipeline.train.ray_driver import build_trainer, ray_running
 from pipeline.train.registry import log_model
 from pipeline.train.results import RUN_FIGURES, results_record
+from pipeline.train.resume import code_hash, resumable_run, run_key, training_lease
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,20 @@ class RaySession:
         # An epoch checkpointed but not logged (the worker died in between) is logged now.
         if self.rank == 0 and EPOCH_METRIC in state.get("metrics", {}):
             self._log(state["metrics"])
+        if self.rank == 0 and self.client is not None:
+            # Where this attempt starts: the checkpoint's (epoch, step). The fault tests compare it
+            # with the checkpoint on disk; a restart from scratch logs nothing here.
+            resumes = len(self.client.get_metric_history(self.spec.run_id, "resumed_epoch"))
+            now = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            self.client.log_batch(
+                self.spec.run_id,
+                metrics=[
+                    Metric("resumed_epoch", float(state["epoch"]), now, resumes),
+                    Metric("resumed_step", float(state["step"]), now, resumes),
+                ],
+            )
         return state
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -143,32 +164,6 @@ class RaySession:
             self._log(metrics)
 
 
-def _worker(config: dict[str, Any]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = RunSpec.from_dict(config["spec"])
-    session = RaySession(spec)
-    try:
-        fit(spec, session)
-    finally:
-        session.close()
-
-
-def _init_ray() -> bool:
-    """Connect to ``RAY_ADDRESS`` or start a local instance; returns whether this call did it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log.info("starting a local Ray instance (set RAY_ADDRESS to use a cluster)")
-        ray.init(log_to_driver=True)
-    return True
-
-
 def _watch_interrupts() -> threading.Event:
     """An event set on SIGINT/SIGTERM, chained before the existing handlers (Ray may translate the
     KeyboardInterrupt into its own error, so the exception type alone cannot tell)."""
@@ -189,30 +184,6 @@ def _watch_interrupts() -> threading.Event:
     return event
 
 
-def _experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # Local store: keep artifacts beside mlflow.db, not in whatever the cwd is.
-    location = resolve_state("mlartifacts", root).as_uri() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
-
-
-def _resumable_run(client: Any, experiment_id: str, variant: str, phash: str, run_dir: Path) -> str | None:
-    """The unfinished MLflow run of this exact training, if Ray holds a checkpoint for it."""
-    if not any(run_dir.glob("checkpoint_*")):
-        return None
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.variant = '{variant}' and tags.params_hash = '{phash}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if runs and runs[0].info.status != "FINISHED":
-        return runs[0].info.run_id
-    return None
-
-
 def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Path) -> dict[str, Any]:
     """Train one variant once per seed of ``train.seeds`` and write ``results_dir/<variant>.json``.
 
@@ -228,18 +199,12 @@ def train_variant(cfg: StudyConfig, variant: str, *, root: Path, results_dir: Pa
         TrainingFailed: a training failed; the seeds before it stay finished in MLflow, and a
             re-run resumes the failed one from its last checkpoint.
     """
-    import ray
-
     seeds = cfg.train_for(variant).seeds
-    started_ray = _init_ray()  # one Ray instance for every seed
-    try:
+    with ray_running():  # one Ray instance for every seed
         runs = [_train_seed(cfg, variant, seed, root=root) for seed in seeds]
-    finally:
-        if started_ray:
-            ray.shutdown()
     record = results_record(cfg, variant, runs)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{variant}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(results_dir / f"{variant}.json", json.dumps(record, indent=2) + "\n")
     top1 = (record["summary"]["top1"] or {}).get("text", "n/a")
     out = results_dir / f"{variant}.json"
     log.info("%s: val top-1 %s over %d seed(s) -> %s", variant, top1, len(runs), out)
@@ -258,11 +223,8 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
         TrainingFailed: the workers failed more than ``max_failures`` times; the MLflow run is
             marked FAILED and a re-run resumes from the last checkpoint.
     """
-    import ray
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.models.cost import count_macs, count_params
 
@@ -287,25 +249,27 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
     del model
 
     client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, cfg.tracking.experiment, uri, root)
+    experiment_id = tracking_experiment(client, cfg.tracking.experiment, uri, root)
     manifest_sha = sha256_of(Store(shards).url_of(MANIFEST))
     phash = params_hash(tcfg, vcfg, manifest_sha)
+    key = run_key(phash, tracking_uri=uri, experiment=cfg.tracking.experiment, code=code_hash())
     # In the user's checkout, also under dvc exp run --temp/--queue (DVC's copy is thrown away).
-    storage = resolve_state(tcfg.storage_path, root) if "://" not in tcfg.storage_path else None
-    name = f"{variant}-{phash}"
-    run_id = _resumable_run(client, experiment_id, variant, phash, storage / name) if storage else None
+    storage = resolve_state(tcfg.storage_path, root) if not is_uri(tcfg.storage_path) else None
+    name = f"{variant}-{key}"
+    # Held from here to the end of the fit: a second trainer of this key fails now, naming this one.
+    lease = training_lease(str(storage) if storage else tcfg.storage_path, name).acquire()
+    run_id = resumable_run(client, experiment_id, key, str(storage), name) if storage else None
     if run_id:
         log.info("resuming MLflow run %s from the last checkpoint in %s", run_id, storage / name)
         client.update_run(run_id, status="RUNNING")
     else:
-        if storage is not None:
-            shutil.rmtree(storage / name, ignore_errors=True)  # a finished or orphaned run: start over
         tags = {
             **git_state(root),
             "variant": variant,
             "model": vcfg.model,
             "dvc_stage": f"train@{variant}",
             "params_hash": phash,
+            "run_key": key,
             "data_manifest_sha256": manifest_sha,
             "seed": str(seed),
         }
@@ -336,36 +300,29 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
         # Object-store checkpoints cannot be listed cheaply here: a worker-group restart still
         # resumes in place, but each stage run gets its own Ray run (no resume across dvc repro).
         name = f"{name}-{run_id[:8]}"
-    spec = RunSpec(**{**spec.__dict__, "run_id": run_id})
+    spec = replace(spec, run_id=run_id)
     log.info("MLflow run %s (experiment %s) at %s", run_id, cfg.tracking.experiment, uri)
     log.info(
         "%s: %s, %.2f M params, %.3f G MACs at %d px",
         *(variant, vcfg.model, n_all / 1e6, macs / 1e9, tcfg.img_size),
     )
 
-    started_ray = _init_ray()
-    status = "FAILED"
     interrupted = _watch_interrupts()
-    try:
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"spec": spec.to_dict()},
-            torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=tcfg.num_workers,
-                use_gpu=tcfg.use_gpu,
-                resources_per_worker={"CPU": tcfg.cpus_per_worker},
-                placement_strategy=tcfg.placement_strategy,
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(storage) if storage else tcfg.storage_path,
-                failure_config=FailureConfig(max_failures=tcfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
+    with lease, ray_running(), tracked_run(client, run_id, interrupted=interrupted):
+        trainer = build_trainer(
+            spec,
+            name=name,
+            storage_path=str(storage) if storage else tcfg.storage_path,
+            max_failures=tcfg.max_failures,
+            keep_checkpoints=2,
         )
         try:
             result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Ctrl-C during fit() reaches Ray's own SIGINT handler, which aborts the workers and
+            # calls sys.exit(0): make sure DVC sees a failed stage, and the run reads as killed.
+            log.warning("interrupted: re-run the stage to resume %s from its last checkpoint", variant)
+            raise SystemExit(130) from err
         except Exception as err:  # Ray raises its own error types for a failed worker group
             raise TrainingFailed(
                 f"training {variant} failed after {tcfg.max_failures} restart(s): {err}. "
@@ -382,21 +339,6 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
             _log_weights(client, run_id, state)
             weights = state["ema"] if state.get("ema") is not None else state["model"]
             log_model(uri, run_id, variant, weights, state["config"])  # MLflow's format, registered
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit) as err:
-        # Ctrl-C during fit() reaches Ray's own SIGINT handler, which aborts the workers and
-        # calls sys.exit(0): make sure DVC sees a failed stage, and the run reads as killed.
-        status = "KILLED"
-        log.warning("interrupted: re-run the stage to resume %s from its last checkpoint", variant)
-        raise SystemExit(130) from err
-    except BaseException:
-        if interrupted.is_set():
-            status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(run_id, status=status)
-        if started_ray:
-            ray.shutdown()
 
     return {
         "seed": seed,
