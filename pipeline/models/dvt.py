@@ -39,6 +39,7 @@ losses); :meth:`DynamicVisionTransformer.forward_stage` runs one stage for early
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -142,25 +143,61 @@ def resize_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Returns:
         Tensor of shape (..., H, W).
     """
-    height, width = x.shape[-2:]
-    size = (int(size[0]), int(size[1]))
-    if (height, width) == size:
-        return x
-    lead = x.shape[:-2]
-    y = x.reshape(-1, 1, height, width)
-    upsampled = (math.ceil(size[0] / height) * height, math.ceil(size[1] / width) * width)
-    if upsampled != (height, width):
-        y = F.interpolate(y, size=upsampled, mode="nearest")
-    return F.adaptive_avg_pool2d(y, size).reshape(*lead, *size)
+    return _resize_axes(x, x.dim() - 2, (int(size[0]), int(size[1])))
+
+
+def _resize_axes(x: torch.Tensor, dim: int, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_grid` on axes ``dim`` and ``dim + 1`` of ``x``, one axis at a time.
+
+    Each output cell of an axis is a weighted sum of at most a few source cells (the upsampled cells
+    its pooling bin covers), so the resize is a few gathers and additions: no upsampled copy, no
+    pooling pass over many tiny maps, and no matrix product (MAC counts stay those of the paper).
+    The gathers are fastest when the axes after ``dim + 1`` are large and contiguous (callers keep
+    channels last).
+    """
+    for axis, target in ((dim + 1, size[1]), (dim, size[0])):
+        if x.shape[axis] != target:
+            out = None
+            for index, weight in _resize_taps(x.shape[axis], target):
+                part = x.index_select(axis, index.to(x.device))
+                if weight is not None:
+                    shape = [1] * x.dim()
+                    shape[axis] = target
+                    part = part * weight.to(device=x.device, dtype=x.dtype).view(shape)
+                out = part if out is None else out + part
+            x = out
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_taps(source: int, target: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One axis of the resize as taps: output ``i`` = sum over taps of ``x[index[i]] * weight[i]``.
+
+    Nearest upsampling by ``m = ceil(target / source)`` (upsampled cell ``c`` is source cell
+    ``c // m``) followed by adaptive average pooling, whose bin ``i`` covers upsampled cells
+    ``floor(i L / target) .. ceil((i + 1) L / target) - 1`` (``L = m * source``). Weight None: all 1.
+    """
+    factor = math.ceil(target / source)
+    length = source * factor
+    bins = [((i * length) // target, -((-(i + 1) * length) // target)) for i in range(target)]
+    taps = max(end - start for start, end in bins)
+    out = []
+    for t in range(taps):
+        index = torch.tensor([(start + min(t, end - start - 1)) // factor for start, end in bins])
+        weight = torch.tensor([1.0 / (end - start) if t < end - start else 0.0 for start, end in bins])
+        out.append((index, None if bool((weight == 1).all()) else weight))
+    return out
 
 
 def _resize_token_axis(
-    x: torch.Tensor, source: tuple[int, int], target: tuple[int, int], num_prefix_tokens: int
+    x: torch.Tensor, dim: int, source: tuple[int, int], target: tuple[int, int], num_prefix_tokens: int
 ) -> torch.Tensor:
-    """Resize the last axis of ``x`` from ``prefix + source`` tokens to ``prefix + target`` tokens."""
-    prefix, grid = x[..., :num_prefix_tokens], x[..., num_prefix_tokens:]
-    grid = resize_grid(grid.unflatten(-1, source), target).flatten(-2)
-    return torch.cat([prefix, grid], dim=-1)
+    """Resize axis ``dim`` of ``x`` from ``prefix + source`` tokens to ``prefix + target`` tokens."""
+    dim = dim % x.dim()
+    prefix = x.narrow(dim, 0, num_prefix_tokens)
+    grid = x.narrow(dim, num_prefix_tokens, x.shape[dim] - num_prefix_tokens).unflatten(dim, source)
+    grid = _resize_axes(grid, dim, target).flatten(dim, dim + 1)
+    return torch.cat([prefix, grid], dim=dim)
 
 
 class ReuseAttention(Attention):
@@ -322,12 +359,7 @@ class ReuseBlock(Block):
         """
         if self.reuse_mlp is None:
             raise RuntimeError("this block was built without feature reuse (reuse_dim=0)")
-        if upstream.tokens is None:
-            raise ValueError("the upstream state carries no tokens (built without feature reuse)")
-        features = self.reuse_mlp(upstream.tokens)[:, upstream.num_prefix_tokens :]
-        features = features.transpose(1, 2).unflatten(-1, upstream.grid)
-        features = resize_grid(features, target_grid).flatten(2).transpose(1, 2)
-        return F.pad(features, (0, 0, num_prefix_tokens, 0))
+        return _reuse_features([self], upstream, target_grid, num_prefix_tokens)[0]
 
     def forward_with_reuse(
         self,
@@ -403,10 +435,11 @@ class RelationReuse(nn.Module):
         num_prefix_tokens: int,
     ) -> torch.Tensor:
         """Map (B, in, p + h*w, p + h*w) upstream logits to a (B, out, p + H*W, p + H*W) bias."""
-        x = self.mlp(logits)
-        x = _resize_token_axis(x, source_grid, target_grid, num_prefix_tokens)  # keys
-        x = _resize_token_axis(x.transpose(-1, -2), source_grid, target_grid, num_prefix_tokens)  # queries
-        return x.transpose(-1, -2)
+        # Resized as (queries, keys, B, channels): each gather then moves whole B x channels slices.
+        x = self.mlp(logits).permute(2, 3, 0, 1).contiguous()
+        x = _resize_token_axis(x, 1, source_grid, target_grid, num_prefix_tokens)  # keys
+        x = _resize_token_axis(x, 0, source_grid, target_grid, num_prefix_tokens)  # queries
+        return x.permute(2, 3, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -607,7 +640,7 @@ def _reuse_features(
         raise ValueError("the upstream state carries no tokens (built without feature reuse)")
     prefix = upstream.num_prefix_tokens
     maps = torch.cat([block.reuse_mlp(upstream.tokens)[:, prefix:] for block in blocks], -1)
-    maps = resize_grid(maps.transpose(1, 2).unflatten(-1, upstream.grid), grid).flatten(2).transpose(1, 2)
+    maps = _resize_axes(maps.unflatten(1, upstream.grid), 1, grid).flatten(1, 2)  # (B, H*W, channels)
     maps = F.pad(maps, (0, 0, num_prefix_tokens, 0))
     return list(maps.split([block.reuse_dim for block in blocks], dim=-1))
 
