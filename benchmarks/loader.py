@@ -75,16 +75,20 @@ def _describe(folder: Path) -> str:
     return f"{width}x{height} px, {sum(f.stat().st_size for f in files) / len(files) / 1e3:.0f} kB"
 
 
-def _rate(loader, n_images: int, repeats: int, cold: bool) -> float:
-    best = float("inf")
+def _rates(loaders: dict, n_images: int, repeats: int, cold: bool) -> dict[str, float]:
+    """Images/s of each loader, best of ``repeats`` passes; the loaders take turns, one pass each per
+    round, so a change in the machine's load hits them alike. Each value: (loader, context to run it in)."""
+    best = {name: float("inf") for name in loaders}
     for _ in range(repeats):
-        if cold:
-            drop_page_cache()
-        tic = time.perf_counter()
-        for _batch in loader:
-            pass
-        best = min(best, time.perf_counter() - tic)
-    return n_images / best
+        for name, (loader, context) in loaders.items():
+            if cold:
+                drop_page_cache()
+            with context():
+                tic = time.perf_counter()
+                for _batch in loader:
+                    pass
+                best[name] = min(best[name], time.perf_counter() - tic)
+    return {name: n_images / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
@@ -132,11 +136,17 @@ def main() -> None:
     )
     plain, n = shards(tf)
     fast, _ = shards(FastDecode(tf))
-    rates = {"ImageFolder (baseline)": _rate(folder, n, args.repeats, args.cold)}
-    with _direct_reader():
-        rates["shards, hand-written tar reader (before)"] = _rate(plain, n, args.repeats, args.cold)
-    rates["shards, webdataset"] = _rate(plain, n, args.repeats, args.cold)
-    rates["shards, webdataset + fast_decode"] = _rate(fast, n, args.repeats, args.cold)
+    rates = _rates(
+        {
+            "ImageFolder (baseline)": (folder, contextlib.nullcontext),
+            "shards, hand-written tar reader (before)": (plain, _direct_reader),
+            "shards, webdataset": (plain, contextlib.nullcontext),
+            "shards, webdataset + fast_decode": (fast, contextlib.nullcontext),
+        },
+        n,
+        args.repeats,
+        args.cold,
+    )
     size = _describe(args.images / "train")
     base, before = rates["ImageFolder (baseline)"], rates["shards, hand-written tar reader (before)"]
     print(
