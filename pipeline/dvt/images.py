@@ -22,6 +22,7 @@ import torch
 from pipeline.config import DVTConfig
 from pipeline.data import decode_sample, read_samples, shard_records, shard_urls
 from pipeline.dvt.thresholds import holdout_split
+from pipeline.train.progress import bar
 
 __all__ = ["ImageSet", "image_sets", "iter_batches", "predict"]
 
@@ -109,7 +110,7 @@ def predict(
     model.eval()
     probs, labels = [], []
     try:
-        for images, target in batches:
+        for images, target in bar(batches, desc="exits over the images"):  # one line per 30 s in a log
             output = model(images.to(device))
             stages = output if isinstance(output, (list, tuple)) else [output]
             probs.append(torch.stack([s.float().softmax(-1) for s in stages]).cpu().numpy())
