@@ -66,3 +66,25 @@ def _key(name: str) -> str:
     folder, _, base = name.rpartition("/")
     stem = base.split(".", 1)[0]
     return f"{folder}/{stem}" if folder else stem
+
+
+def shards_for_stage(output: str, root: Path) -> str:
+    """Where a stage reads ``data.shards.output`` from: resolved against the repository, except in a
+    ``dvc exp run --temp/--queue`` copy whose shard stage was restored from DVC's run cache (the
+    manifest is an output, the tars are not): then the user's checkout, whose manifest is the same
+    bytes, holds the tars."""
+    from pipeline.paths import checkout_root, resolve_state
+    from pipeline.shards import MANIFEST, resolve_output
+
+    here = resolve_output(output, root)
+    checkout = checkout_root(root)
+    if "://" in output or checkout == root:
+        return here
+    there = str(resolve_state(output, root))
+    mine, theirs = Path(here) / MANIFEST, Path(there) / MANIFEST
+    if not (mine.is_file() and theirs.is_file()) or mine.read_bytes() != theirs.read_bytes():
+        return here
+    names = [s["name"] for split in json.loads(mine.read_text())["splits"].values() for s in split["shards"]]
+    if all((Path(here) / n).is_file() for n in names):
+        return here
+    return there

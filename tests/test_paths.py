@@ -48,3 +48,28 @@ def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(tmp_path: Path)
     assert EXPERIMENT_KIND not in client.get_experiment(old).tags
     assert experiment_id(client, "older", uri, tmp_path) == old
     assert client.get_experiment(old).tags[EXPERIMENT_KIND] == MODEL_TRAINING
+
+
+def test_an_experiment_copy_reads_the_checkouts_tars_if_it_has_only_the_manifest(tmp_path: Path) -> None:
+    import json
+
+    from pipeline.shardsets import shards_for_stage
+
+    checkout = tmp_path / "study"
+    copy = checkout / ".dvc" / "tmp" / "exps" / "tmpq1w2e3"
+    splits = {"train": {"shards": [{"name": "train-000000.tar"}]}, "val": {"shards": []}}
+    manifest = json.dumps({"splits": splits})
+    for repo in (checkout, copy):
+        (repo / "data" / "shards").mkdir(parents=True)
+        (repo / "dvc.yaml").write_text("stages: {}\n")
+        (repo / "data" / "shards" / "manifest.json").write_text(manifest)
+    (checkout / "data" / "shards" / "train-000000.tar").write_bytes(b"tar")
+    # Restored from the run cache: the manifest only.
+    assert shards_for_stage("data/shards", copy) == str(checkout / "data" / "shards")
+    (copy / "data" / "shards" / "train-000000.tar").write_bytes(b"tar")
+    assert shards_for_stage("data/shards", copy) == str(copy / "data" / "shards")  # the copy sharded itself
+    (copy / "data" / "shards" / "train-000000.tar").unlink()
+    (copy / "data" / "shards" / "manifest.json").write_text(manifest.replace("000000", "000001"))
+    assert shards_for_stage("data/shards", copy) == str(copy / "data" / "shards")  # other data: never mixed
+    assert shards_for_stage("data/shards", checkout) == str(checkout / "data" / "shards")
+    assert shards_for_stage("s3://bucket/shards", copy) == "s3://bucket/shards"

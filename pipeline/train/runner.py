@@ -35,7 +35,8 @@ import torch
 
 from pipeline.config import StudyConfig, params_hash
 from pipeline.paths import resolve_state
-from pipeline.shards import MANIFEST, Store, read_manifest, resolve_output
+from pipeline.shards import MANIFEST, Store, read_manifest
+from pipeline.shardsets import shards_for_stage
 from pipeline.storage import atomic_write, is_uri
 from pipeline.tracking import check_tracking, flatten, git_state, sha256_of, tracked_run, tracking_uri
 from pipeline.tracking import experiment_id as tracking_experiment
@@ -230,7 +231,8 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
 
     vcfg, tcfg = cfg.variants[variant], cfg.train_for(variant).for_seed(seed)
     single = len(cfg.train_for(variant).seeds) == 1
-    shards = resolve_output(cfg.data.shards.output, root)  # an absolute folder, or a URI unchanged
+    # An absolute folder, or a URI unchanged (in a dvc exp copy, where the tars are: shards_for_stage).
+    shards = shards_for_stage(cfg.data.shards.output, root)
     manifest = read_manifest(shards)
     uri = tracking_uri(root)
     check_tracking(uri)
