@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 #: The alias on each variant's best version (by the final validation top-1 of its run).
 BEST = "best"
-#: The run metric that picks it.
-BEST_BY = "val_top1"
+#: The run metrics that pick it: the EMA weights' top-1 where the run kept an EMA (those are the
+#: weights logged), else the raw weights'.
+BEST_BY = ("ema_val_top1", "val_top1")
 #: The model's folder in the run's artifacts.
 NAME = "model"
 
@@ -74,13 +75,14 @@ def log_model(uri: str, run_id: str, variant: str, weights: dict[str, Any], conf
 
 
 def promote_best(client: Any, variant: str) -> str | None:
-    """Point ``models:/<variant>@best`` at the version whose run has the highest final ``val_top1``
-    (the first registered wins a tie); returns that version, or None without any."""
+    """Point ``models:/<variant>@best`` at the version whose run has the highest final top-1 of the
+    logged weights (:data:`BEST_BY`; the first registered wins a tie); returns that version, or None."""
     scored = []
     for mv in client.search_model_versions(f"name = '{variant}'"):
         if not mv.run_id:
             continue
-        value = client.get_run(mv.run_id).data.metrics.get(BEST_BY)
+        metrics = client.get_run(mv.run_id).data.metrics
+        value = next((metrics[k] for k in BEST_BY if k in metrics), None)
         if value is not None:
             scored.append((value, -int(mv.version), mv.version))
     if not scored:
