@@ -55,9 +55,13 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     evaluations = list(params.get("pretrained") or {})  # evaluate@<name> stages
     assert evaluations
 
+    cascades = params["dvt"]["variants"]
+    assert len(cascades) == 2  # the foreach runs more than once
+
     first = _sh(["dvc", "repro"], repo)
+    tuned = {f"tune_dvt@{c}" for c in cascades}
     evaluated = {f"evaluate@{e}" for e in evaluations}
-    expected = {"demo", "shard", "tune_dvt", "report", *evaluated, *(f"train@{v}" for v in variants)}
+    expected = {"demo", "shard", "report", *evaluated, *tuned, *(f"train@{v}" for v in variants)}
     assert _ran(first.stdout) == expected
 
     with open(repo / "reports" / "comparison.csv") as fh:
@@ -104,17 +108,30 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
             "checkpoint/model.pt",
         ]
 
-    # The DVT study: every reuse combination and both threshold searches, as MLflow child runs.
-    best = yaml.safe_load((repo / "results" / "dvt" / "best.yaml").read_text())
-    assert len(best["reuse"]["val_top1"]) == 4
-    for search in ("msdnet", "optuna"):
-        assert best["thresholds"][search]["avg_gmacs"] <= params["dvt"]["budget_gmacs"] + 1e-9
-    children = client.search_runs(
-        [client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{best['mlflow_run_id']}'",
-    )
-    assert len(children) == 4 + params["dvt"]["threshold_trials"]
-    assert (repo / "results" / "dvt" / "curve.png").stat().st_size > 1000
+    # The DVT study, per cascade: both threshold searches chosen within the budget on the calibration
+    # images, measured throughput, and the reuse ablation where asked, all as MLflow child runs.
+    from pipeline.dvt.records import TuneRecord
+
+    experiment = client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id
+    for cascade in cascades:
+        record = TuneRecord.read(repo / "results" / "dvt" / cascade / "best.yaml")
+        budget = params["dvt"]["budget_gmacs"][cascade]
+        assert record.msdnet.calib_avg_gmacs <= budget + 1e-9
+        assert (record.calibration, record.calibration_images) == ("val", params["dvt"]["calibration_images"])
+        val_images = params["data"]["demo"]["val_per_class"] * params["data"]["demo"]["num_classes"]
+        assert record.calibration_images + record.reported_images == val_images
+        speeds = {(r.model, r.point): r.images_per_s for r in record.throughput.rows}
+        assert speeds[("early_exit", "budget")] > 0 and speeds[("simulate_all", "budget")] > 0
+        ablation = cascade in params["dvt"]["reuse_ablation"]
+        assert (record.reuse is not None) == ablation and (record.static is not None) == (
+            cascade in params["dvt"]["backbones"]
+        )
+        children = client.search_runs(
+            [experiment], filter_string=f"tags.mlflow.parentRunId = '{record.run_id}'"
+        )
+        assert len(children) == 4 * ablation + params["dvt"]["threshold_trials"]
+        assert client.get_run(record.run_id).data.metrics["images_per_s_early_exit_budget"] > 0
+    assert "dvt_speed" in (repo / "reports" / "index.html").read_text()
 
     # The demo training written in the T2T-ViT authors' release format and evaluated as an outside
     # checkpoint (timm's pretrained path, the evaluate stage): the top-1 of the run that made it.
@@ -155,7 +172,8 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     assert {f"results/{v}.json" for v in variants} | {"reports/metrics.json"} <= set(diff), diff
 
     # One variant's params change: only its training and the report run again.
-    changed = [v for v in variants if v != params["dvt"]["variant"]][-1]
+    dvt_inputs = {*cascades, *params["dvt"]["backbones"].values()}
+    changed = [v for v in variants if v not in dvt_inputs][-1]
     params["variants"][changed].setdefault("train", {})["epochs"] = params["train"]["epochs"] + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _sh(["dvc", "repro"], repo)
