@@ -29,7 +29,7 @@ import torch
 from timm.layers import Attention
 from torch import nn
 
-from pipeline.models.t2t_vit import PerformerTokenAttention, TokenAttention, _autocast_off
+from pipeline.models.t2t_vit import PerformerTokenAttention, TokenAttention, autocast_off
 
 __all__ = ["plain_attention"]
 
@@ -47,7 +47,7 @@ def _performer_plain(self: PerformerTokenAttention, x: torch.Tensor) -> torch.Te
     k, q, v = self.kqv(x).split(self.dim_out, dim=-1)
     features = self.random_features.float()  # (m, d)
     m = features.shape[0]
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         k, q, v = k.float(), q.float(), v.float()
 
         def feature_map(u: torch.Tensor) -> torch.Tensor:

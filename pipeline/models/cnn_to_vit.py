@@ -41,9 +41,9 @@ from torch import nn
 
 from pipeline.models.blocks import DenseBlock, GhostAttention, GhostMlp, SqueezeExciteAttention, dense_layout
 from pipeline.models.t2t_vit import T2TViT
-from pipeline.models.t2t_vit import _cfg as _t2t_cfg
 from pipeline.models.t2t_vit import checkpoint_filter_fn as t2t_filter_fn
-from pipeline.models.vit import _cfg as _vit_cfg
+from pipeline.models.t2t_vit import pretrained_cfg as t2t_pretrained_cfg
+from pipeline.models.vit import pretrained_cfg as vit_pretrained_cfg
 
 __all__ = ["DenseT2TViT", "DenseViT"]
 
@@ -210,9 +210,9 @@ _VIT_NAMES = (
 
 default_cfgs = generate_default_cfgs(
     {
-        **{name: _t2t_cfg() for name in _T2T_NAMES},
+        **{name: t2t_pretrained_cfg() for name in _T2T_NAMES},
         # The ViT-side variants are the T2T-ViT paper's constructions, trained with the same recipe.
-        **{name: _vit_cfg(paper_ids="arXiv:2101.11986") for name in _VIT_NAMES},
+        **{name: vit_pretrained_cfg(paper_ids="arXiv:2101.11986") for name in _VIT_NAMES},
     }
 )
 

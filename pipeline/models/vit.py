@@ -39,7 +39,7 @@ __all__ = ["checkpoint_filter_fn"]
 checkpoint_filter_fn = make_filter(base=timm_filter_fn)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def pretrained_cfg(**kwargs: Any) -> dict[str, Any]:
     """Data config of the DeiT-style from-scratch recipe the paper trains every baseline with."""
     return {
         "url": "",
@@ -60,11 +60,11 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 default_cfgs = generate_default_cfgs(
     {
-        "vit_s16_paper": _cfg(),
-        "vit_b16_paper": _cfg(),
-        "vit_l16_paper": _cfg(),
+        "vit_s16_paper": pretrained_cfg(),
+        "vit_b16_paper": pretrained_cfg(),
+        "vit_l16_paper": pretrained_cfg(),
         # DeiT's own evaluation: resize 256, centre crop 224.
-        "deit_small_paper": _cfg(paper_ids="arXiv:2012.12877", crop_pct=0.875),
+        "deit_small_paper": pretrained_cfg(paper_ids="arXiv:2012.12877", crop_pct=0.875),
     }
 )
 
