@@ -56,7 +56,7 @@ def test_dvt_throughput_benchmark_compares_early_exit_with_both_baselines(tmp_pa
         [sys.executable, "-m", "benchmarks.dvt_throughput", "--img-size", "64", "--batch", "16",
          "--threads", "1", "--repeats", "1", "--warmup", "0", "--num-classes", "10",
          "--exits", "0.5", "0.25", "0.25",
-         "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--json", str(out)],
+         "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}', "--json", str(out), "--cpu-time"],
         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -38,8 +38,16 @@ def device_name(device: torch.device) -> str:
     )
 
 
+#: The clock timings read: wall time. ``time.thread_time`` instead counts only the calling thread's CPU
+#: time (with one torch thread, the work done, not the waits for a busy core): set by
+#: ``benchmarks/dvt_throughput.py --cpu-time``.
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    """Median time (:data:`CLOCK`, wall time by default) of ``fn()`` over ``repeats`` calls after
+    ``warmup`` untimed ones."""
+    clock = CLOCK[0]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -51,10 +59,10 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, rep
         sync()
         times = []
         for _ in range(repeats):
-            tic = time.perf_counter()
+            tic = clock()
             fn()
             sync()
-            times.append(time.perf_counter() - tic)
+            times.append(clock() - tic)
     return statistics.median(times)
 
 
