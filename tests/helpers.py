@@ -338,3 +338,90 @@ def parse_page(path: Path) -> Page:
     page = Page()
     page.feed(path.read_text(encoding="utf-8"))
     return page
+
+
+# -- the fault tests' miniature training (test_fault_tolerance, test_multinode) ------------------------
+
+#: Epochs of the fault tests' training.
+FAULT_EPOCHS = 4
+
+
+def make_fault_study(tmp_path: Path, root: Path) -> Path:
+    """A miniature repo for the fault tests: params, shards, and an empty dvc.yaml marking the root."""
+    import yaml
+
+    from pipeline.demo_data import generate_demo
+    from pipeline.shards import write_shards
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    generate_demo(
+        tmp_path / "data/demo",
+        num_classes=4,
+        train_per_class=30,
+        val_per_class=10,
+        image_size=40,
+        seed=0,
+        show_progress=False,
+    )
+    write_shards(
+        tmp_path / "data/demo", tmp_path / "data/shards", max_samples_per_shard=32, show_progress=False
+    )
+    raw = yaml.safe_load((root / "profiles/mini.yaml").read_text())
+    raw["train"].update(
+        img_size=32, epochs=FAULT_EPOCHS, batch_size=16, checkpoint_every_steps=2, max_failures=2
+    )
+    raw["variants"] = {
+        "tiny": {
+            "model": "vit_tiny_patch16_224",
+            "model_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+        }
+    }
+    # The tune stage is not run here; its section must still name a variant.
+    raw["dvt"].update(variants=["tiny"], backbones={}, reuse_ablation=[], budget_gmacs=1.0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path
+
+
+def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the first epoch is checkpointed and logged (rank 0 logs only after Ray persisted it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before its first checkpoint:\n{proc.stdout.read()[-4000:]}")
+        # Read MLflow only once Ray wrote a checkpoint: the driver has long created the database.
+        checkpointed = any((repo / "runs" / "ray").glob("*/checkpoint_*"))
+        if checkpointed and any(steps for _, steps in mlflow_runs(repo)):
+            return
+        time.sleep(1)
+    raise AssertionError("no checkpoint appeared")
+
+
+def mlflow_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    return [(r, sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1"))) for r in runs]
+
+
+def ray_checkpoints(repo: Path) -> set[tuple[int, int]]:
+    """(epoch, step) of every checkpoint Ray persisted for the run (it keeps the last two)."""
+    import torch
+
+    found = set()
+    for folder in (repo / "runs" / "ray").glob("*/checkpoint_*"):
+        if (folder / "state.pt").is_file():
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            found.add((int(state["epoch"]), int(state["step"])))
+    return found
+
+
+def resumed_at(repo: Path, run) -> list[tuple[int, int]]:
+    """Where each resumed attempt of the run started, as its rank 0 logged it to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    epochs = sorted(client.get_metric_history(run.info.run_id, "resumed_epoch"), key=lambda m: m.step)
+    steps = sorted(client.get_metric_history(run.info.run_id, "resumed_step"), key=lambda m: m.step)
+    return [(int(e.value), int(s.value)) for e, s in zip(epochs, steps, strict=True)]

@@ -32,27 +32,18 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_fault_tolerance import (
-    EPOCHS,
-    _checkpoints,
-    _resumed_at,
-    _runs,
-    _wait_for_checkpoint,
-    make_study,
+from helpers import (
+    FAULT_EPOCHS,
+    free_ports,
+    make_fault_study,
+    mlflow_runs,
+    ray_checkpoints,
+    resumed_at,
+    wait_for_checkpoint,
 )
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -98,7 +89,7 @@ class Nodes:
         return sum(n["state"] == "ALIVE" for n in json.loads(body)["data"]["result"]["result"])
 
     def add_worker(self) -> subprocess.Popen:
-        agent, grpc, metrics, runtime_env = _free_ports(4)
+        agent, grpc, metrics, runtime_env = free_ports(4)
         proc = subprocess.Popen(
             [
                 str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{self.gcs}",
@@ -123,7 +114,7 @@ class Nodes:
 def nodes() -> Iterator[Nodes]:
     base = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))  # short: Ray's socket paths
     (base / "home").mkdir()
-    gcs, dash, client, agent, grpc, metrics, runtime_env = _free_ports(7)
+    gcs, dash, client, agent, grpc, metrics, runtime_env = free_ports(7)
     token = secrets.token_hex(32)
     env = {
         **os.environ,
@@ -179,9 +170,11 @@ def test_the_cluster_refuses_requests_without_the_token(nodes: Nodes) -> None:
 @pytest.fixture()
 def spread_study(tmp_path: Path, root: Path) -> Path:
     """The fault tests' miniature study, its 2 ranks forced onto different nodes."""
-    repo = make_study(tmp_path, root)
+    repo = make_fault_study(tmp_path, root)
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["train"].update(num_workers=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD", epochs=EPOCHS)
+    raw["train"].update(
+        num_workers=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD", epochs=FAULT_EPOCHS
+    )
     raw["train"]["storage_path"] = str(repo / "runs" / "ray")  # the same folder on both nodes
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     return repo
@@ -210,8 +203,8 @@ def test_a_killed_node_costs_only_the_steps_since_the_last_checkpoint(
     reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
     reader.start()
     try:
-        _wait_for_checkpoint(spread_study, driver)
-        before = _checkpoints(spread_study)
+        wait_for_checkpoint(spread_study, driver)
+        before = ray_checkpoints(spread_study)
         second = next(p for p in nodes.procs[1:] if p.poll() is None)
         # The node is lost: its raylet and the workers it started (a worker outlives its raylet for a
         # while, still computing, which no lost machine does).
@@ -227,10 +220,10 @@ def test_a_killed_node_costs_only_the_steps_since_the_last_checkpoint(
         reader.join(timeout=10)
     out = "".join(output)
     assert driver.returncode == 0, out[-6000:]
-    [(run, steps)] = _runs(spread_study)
+    [(run, steps)] = mlflow_runs(spread_study)
     assert run.info.status == "FINISHED"
-    assert steps == list(range(EPOCHS)), "one MLflow run, every epoch logged exactly once"
-    resumes = _resumed_at(spread_study, run)
+    assert steps == list(range(FAULT_EPOCHS)), "one MLflow run, every epoch logged exactly once"
+    resumes = resumed_at(spread_study, run)
     assert len(resumes) == 1, f"one restart of the worker group, from a checkpoint: {resumes}\n{out[-8000:]}"
     [resumed] = resumes
     assert resumed != (0, 0) and resumed >= min(before), "resumed at a checkpoint's step, not from scratch"
@@ -241,7 +234,7 @@ class _Proxy:
     connection (a broken port-forward, a restarted load balancer) between the client and Ray."""
 
     def __init__(self, target: int) -> None:
-        self.target, self.port = target, _free_ports(1)[0]
+        self.target, self.port = target, free_ports(1)[0]
         self.start()
 
     def start(self) -> None:
