@@ -151,15 +151,15 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     second = _sh(["dvc", "repro"], repo)
     assert _ran(second.stdout) == set(), second.stdout
 
-    # DVC experiments: this run committed as the baseline, then an experiment in a throw-away copy
-    # (--temp) on a key params.yaml does not have yet (hence "+"), which re-runs the report and no
-    # training. The copy's report finds the runs in this checkout's MLflow store (it would fail on
-    # an empty store of its own); dvc exp show lists both with their metrics, and metrics diff works.
+    # DVC experiments: this run committed as the baseline, then an experiment on a key params.yaml
+    # does not have yet (hence "+"); dvc exp show lists both with their metrics, and metrics diff works.
     _sh(["git", "add", "dvc.lock"], repo)
     _sh(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "baseline"], repo)
-    exp = _sh(["dvc", "exp", "run", "--temp", "-S", "+report.epoch=best"], repo)
-    ran = _ran(exp.stdout)
-    assert "report" in ran and not any(s.startswith("train@") for s in ran), exp.stdout
+    # In the workspace: only the report re-runs. (A --temp/--queue copy also re-runs the shard stage
+    # and each tune_dvt, whose outputs DVC does not restore there: minutes more in CI; tests/test_paths.py
+    # checks that such a copy keeps MLflow and Ray state in the checkout.)
+    exp = _sh(["dvc", "exp", "run", "-S", "+report.epoch=best"], repo)
+    assert _ran(exp.stdout) == {"report"}, exp.stdout
     shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo).stdout)
     baseline = next(r for r in shown if r["rev"] != "workspace")
     [experiment] = [e["revs"][0] for e in baseline["experiments"]]
