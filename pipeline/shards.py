@@ -28,21 +28,14 @@ rest; a changed plan removes the stale files and starts over.
 
 from __future__ import annotations
 
-import array
 import hashlib
-import io
 import json
 import logging
-import multiprocessing
 import os
 import random
-import re
 import tarfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,86 +51,50 @@ from pipeline.imagenet import (
     prepare_image,
     scan,
 )
+from pipeline.processes import run_in_processes
+from pipeline.shard_folder import (
+    INDEX,
+    INDEX_COLUMNS,
+    INFO,
+    LOCK_FILE,
+    MANIFEST,
+    MANIFEST_VERSION,
+    OWN_FILES,
+    PARTIAL,
+    Store,
+    index_parquet,
+    read_manifest,
+    resolve_output,
+    shard_sha256,
+    timm_info,
+)
 from pipeline.storage import Lease, Location, resolve_location
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST", "INDEX", "PARTIAL", "ShardError", "ShardRun", "Store", "read_manifest", "write_shards"]
+__all__ = [
+    "INDEX",
+    "INDEX_COLUMNS",
+    "INFO",
+    "LOCK_FILE",
+    "MANIFEST",
+    "MANIFEST_VERSION",
+    "OWN_FILES",
+    "PARTIAL",
+    "ShardError",
+    "ShardRun",
+    "Store",
+    "index_parquet",
+    "read_manifest",
+    "resolve_output",
+    "timm_info",
+    "write_shards",
+]
 
-MANIFEST = "manifest.json"
-PARTIAL = "manifest.partial.json"
-INDEX = "index.parquet"
-#: timm's description of a WebDataset folder (``timm.data.create_dataset("wds/...", root=...)``).
-INFO = "_info.json"
-#: The lease a shard run holds on its output folder (pipeline.storage.Lease: a heartbeat record).
-LOCK_FILE = "shard.lock"
-MANIFEST_VERSION = 2
-#: Files this module writes into the output folder; only these are ever removed from it.
-OWN_FILES = re.compile(
-    r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet|_info\.json)(\.tmp)?$"
-)
+#: What a fork server imports once for every shard worker.
+PRELOAD = ("pipeline.shards", "PIL.Image", "fsspec", "webdataset")
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
-
-
-class Store:
-    """The output location through fsspec: a local folder, ``file://``, ``s3://``, ``memory://``...
-
-    ``memory://`` lives in one process: use it with ``workers=1`` (tests).
-    """
-
-    def __init__(self, url: str | Path) -> None:
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
-        self.root = root.rstrip("/") or "/"
-        self.local = isinstance(self.fs, LocalFileSystem)
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def url_of(self, name: str) -> str:
-        """What a reader opens: a plain path when local, else the URI."""
-        return self.path(name) if self.local else f"{self.url.rstrip('/')}/{name}"
-
-    def names(self) -> list[str]:
-        if not self.fs.isdir(self.root):
-            return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-
-    def exists(self, name: str) -> bool:
-        return self.fs.isfile(self.path(name))
-
-    def read(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
-
-    def open(self, name: str, mode: str = "rb") -> Any:
-        return self.fs.open(self.path(name), mode)
-
-    def move(self, src: str, dst: str) -> None:
-        self.fs.mv(self.path(src), self.path(dst))
-
-    def remove(self, name: str) -> None:
-        if self.fs.exists(self.path(name)):
-            self.fs.rm_file(self.path(name))
-
-    def write_atomic(self, name: str, data: bytes) -> None:
-        """Write ``name.tmp`` and rename it: readers see the old file or the new one, never half."""
-        with self.open(name + ".tmp", "wb") as fh:
-            fh.write(data)
-        self.move(name + ".tmp", name)
-
-    def makedirs(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-
-
-def resolve_output(output: str, root: Path | None = None) -> str:
-    """``data.shards.output`` as a location: a URI unchanged, a path made absolute against the repo."""
-    from pipeline.paths import resolve
-
-    return output if "://" in output else str(resolve(output, root))
 
 
 @dataclass(frozen=True)
@@ -316,114 +273,6 @@ def _write_shard(task: _Task) -> dict[str, Any]:
     }
 
 
-def _sha256_of(args: tuple[str, str]) -> tuple[str, str | None]:
-    url, name = args
-    store = Store(url)
-    if not store.exists(name):
-        return name, None
-    digest = hashlib.sha256()
-    with store.open(name) as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return name, digest.hexdigest()
-
-
-def _start_method() -> str:
-    """``fork`` when this process runs one thread, else a fork server (or spawn where there is none).
-
-    Forking copies the imports, so a worker starts in milliseconds; it is safe only with no other
-    thread that could hold a lock mid-flight (tqdm's monitor, s3fs's event loop, torch's pools
-    under pytest). A fork server costs about a second once, and is the default from Python 3.14.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    single = False
-    if threading.active_count() == 1 and os.path.isdir("/proc/self/task"):  # no /proc: do not guess
-        # Every OS thread, not only Python's. A thread joined a moment ago (the listing's pool) may
-        # still be leaving the kernel's list: give it a few milliseconds.
-        for _ in range(20):
-            if single := len(os.listdir("/proc/self/task")) == 1:
-                break
-            time.sleep(0.005)
-    if single and "fork" in methods:
-        return "fork"
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _run(fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> tuple[Iterator[Any], str]:
-    """``fn`` over ``tasks``, results as they complete, and how the work was started: in this process
-    with one worker (``in-process``), else in a pool of processes (the start method), one task
-    (shard) at a time per process. The processes start, and every task is submitted, before this
-    returns: call it before starting any thread (a progress bar)."""
-    if workers <= 1 or len(tasks) <= 1:
-        return map(fn, tasks), "in-process"
-    method = _start_method()
-    log.info("%d worker processes (start method: %s)", min(workers, len(tasks)), method)
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":  # imported once by the server, not once per worker
-        context.set_forkserver_preload(["pipeline.shards", "PIL.Image", "fsspec", "webdataset"])
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
-    futures = [pool.submit(fn, t) for t in tasks]
-
-    def results() -> Iterator[Any]:
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:  # normal end, an error or Ctrl-C: nothing new starts; running shards finish or die
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    return results(), method
-
-
-INDEX_COLUMNS = {  # name: arrow type (pyarrow's name) of index.parquet's columns
-    "split": "string",
-    "shard": "string",
-    "key": "string",
-    "label": "int32",
-    "wnid": "string",
-    "path": "string",
-    "bytes": "int64",
-    "converted_from": "string",
-}
-
-
-def _arrow_column(values: list[Any], kind: str) -> Any:
-    """A pyarrow array built from its buffers. ``pa.array`` would import pandas on first use (0.4 s,
-    longer than the index takes to build); this needs no more than pyarrow itself."""
-    import pyarrow as pa
-
-    n = len(values)
-    validity = None
-    if any(v is None for v in values):
-        bits = bytearray((n + 7) // 8)
-        for i, v in enumerate(values):
-            if v is not None:
-                bits[i >> 3] |= 1 << (i & 7)
-        validity = pa.py_buffer(bytes(bits))
-    if kind == "string":
-        offsets, data = array.array("i", [0]), bytearray()
-        for v in values:
-            if v is not None:
-                data += v.encode()
-            offsets.append(len(data))
-        buffers = [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(bytes(data))]
-    else:
-        typecode = {"int32": "i", "int64": "q"}[kind]
-        buffers = [validity, pa.py_buffer(array.array(typecode, [v or 0 for v in values]).tobytes())]
-    return pa.Array.from_buffers(getattr(pa, kind)(), n, buffers)
-
-
-def index_parquet(columns: dict[str, list[Any]]) -> bytes:
-    """index.parquet's bytes from its columns (:data:`INDEX_COLUMNS`, in that order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrays = [_arrow_column(columns[name], kind) for name, kind in INDEX_COLUMNS.items()]
-    table = pa.Table.from_arrays(arrays, names=list(INDEX_COLUMNS))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def _resume(store: Store, plan_id: str, plans: list[ShardPlan], workers: int) -> dict[str, Any]:
     """The progress record to continue from; removes whatever does not belong to it."""
     partial = None
@@ -446,7 +295,7 @@ def _resume(store: Store, plan_id: str, plans: list[ShardPlan], workers: int) ->
     for name in own:
         if name not in records and name != PARTIAL:
             store.remove(name)  # temporaries, unplanned or unrecorded shards, an old manifest and index
-    checked = dict(_run(_sha256_of, [(store.url, n) for n in sorted(records)], workers)[0])
+    checked = dict(run_in_processes(shard_sha256, [(store.url, n) for n in sorted(records)], workers)[0])
     for name in sorted(records):
         if checked[name] != records[name]["sha256"]:
             log.warning("%s is missing or does not match its recorded sha256: rewriting it", store.path(name))
@@ -602,7 +451,7 @@ def write_shards(
         tasks = [_Task(store.url, p.name, p.samples, on_bad_image == "skip", verify) for p in todo.values()]
         bad: list[dict[str, str]] = []
         written, images = [], 0
-        results, started = _run(_write_shard, tasks, workers)  # before the bar's thread: _start_method
+        results, started = run_in_processes(_write_shard, tasks, workers, PRELOAD)  # before the bar's thread
         if started != "in-process":  # while the workers write: the index's imports (0.15 s)
             import pyarrow.parquet  # noqa: F401
         with tqdm(
@@ -642,38 +491,3 @@ def write_shards(
         return run
 
 
-def timm_info(manifest: dict[str, Any]) -> dict[str, Any]:
-    """timm's ``_info.json`` for the shards of ``manifest``: per split its shard file names, their
-    sample counts and the total, so ``timm.data.create_dataset("wds/<name>", root=<folder>,
-    split="train")`` (and timm's ``train.py``) read the folder. ``val`` is also listed as
-    ``validation``, the split name timm's ``train.py`` asks for by default."""
-    splits = {}
-    for split, entry in manifest["splits"].items():
-        names = [s["name"] for s in entry["shards"]]
-        lengths = [s["samples"] for s in entry["shards"]]
-        for alias in (split, "validation") if split == "val" else (split,):
-            splits[alias] = {
-                "name": alias,
-                "num_samples": sum(lengths),
-                "filenames": names,
-                "shard_lengths": lengths,
-            }
-    return {"name": "imagenet-shards", "num_classes": len(manifest["classes"]), "splits": splits}
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Load ``<folder>/manifest.json`` (a local folder or an fsspec URI).
-
-    Raises:
-        ShardError: missing or from an incompatible version, naming the file and the fix.
-    """
-    store = Store(folder)
-    if not store.exists(MANIFEST):
-        raise ShardError(f"{store.url_of(MANIFEST)} not found: run the shard stage first (dvc repro shard)")
-    manifest = json.loads(store.read(MANIFEST))
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ShardError(
-            f"{store.url_of(MANIFEST)}: manifest version {manifest.get('version')} != "
-            f"{MANIFEST_VERSION}; re-shard"
-        )
-    return manifest
