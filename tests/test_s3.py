@@ -242,7 +242,8 @@ def test_train_variant_trains_from_s3_shards_with_ray(
             "model_kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
         }
     }
-    raw["dvt"]["variant"] = "tiny"
+    # The tune stage is not run here; its section must still name a variant.
+    raw["dvt"].update(variants=["tiny"], backbones={}, reuse_ablation=[], budget_gmacs=1.0)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "params.yaml")
 
