@@ -425,3 +425,24 @@ def resumed_at(repo: Path, run) -> list[tuple[int, int]]:
     epochs = sorted(client.get_metric_history(run.info.run_id, "resumed_epoch"), key=lambda m: m.step)
     steps = sorted(client.get_metric_history(run.info.run_id, "resumed_step"), key=lambda m: m.step)
     return [(int(e.value), int(s.value)) for e, s in zip(epochs, steps, strict=True)]
+
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the process a test started and every descendant it has, by pid; SIGKILL stragglers."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)

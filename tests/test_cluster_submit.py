@@ -8,12 +8,10 @@ first checks the state round trip the jobs rely on, with real DVC on a two-stage
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import copy_worktree, free_ports
+from helpers import copy_worktree, free_ports, stop_process_tree
 
 BIN = Path(sys.executable).parent
 
@@ -43,24 +41,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90)
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url} did not answer in {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process we started and every descendant it has, by pid; SIGKILL stragglers."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
 
 
 @dataclass
@@ -143,7 +123,7 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}", shared, env)
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process_tree(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 

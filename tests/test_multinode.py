@@ -39,26 +39,12 @@ from helpers import (
     mlflow_runs,
     ray_checkpoints,
     resumed_at,
+    stop_process_tree,
     wait_for_checkpoint,
 )
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process we started and its descendants, by pid; SIGKILL stragglers."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
 
 
 @dataclass
@@ -156,7 +142,7 @@ def nodes() -> Iterator[Nodes]:
         yield cluster
     finally:
         for proc in reversed(cluster.procs):
-            _stop(proc)
+            stop_process_tree(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 
