@@ -94,7 +94,8 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
     # MLflow holds one finished run per variant, with per-epoch metrics and the checkpoint.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)
     for v in variants:
         record = json.loads((repo / "results" / f"{v}.json").read_text())
         run = client.get_run(record["run_id"])

@@ -4,8 +4,10 @@ logits. Real MLflow (SQLite store), nothing mocked."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config import AugmentConfig, TrainConfig
@@ -21,7 +23,9 @@ def _spec() -> RunSpec:
                    num_classes=4, model_kwargs=TINY)  # fmt: skip
 
 
-def test_each_training_is_a_registered_version_and_best_loads_with_its_logits(tmp_path: Path) -> None:
+def test_each_training_is_a_registered_version_and_best_loads_with_its_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
@@ -42,6 +46,8 @@ def test_each_training_is_a_registered_version_and_best_loads_with_its_logits(tm
 
     mv = client.get_model_version_by_alias("tiny", BEST)
     assert str(mv.version) == "2"  # the run with the highest val_top1
+    # Loaded the way the module's docstring tells users to: the store named by the environment.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     loaded = mlflow.pytorch.load_model(f"models:/tiny@{BEST}")
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -51,3 +57,27 @@ def test_each_training_is_a_registered_version_and_best_loads_with_its_logits(tm
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 4]
     assert info.saved_input_example_info is not None
+
+
+def test_logging_a_model_leaves_no_uri_behind_for_the_rest_of_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's fluent setters write MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI into os.environ; a
+    study that logged a model once would otherwise register every later model of the process (and
+    of its child processes, such as ``dvc repro``) in the first study's store."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    spec = _spec()
+    model = build_model(spec).eval()
+    for name in ("a", "b"):
+        uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+        client = MlflowClient(uri)  # no registry URI given: MLflow resolves it from the context
+        experiment = client.create_experiment(name, artifact_location=(tmp_path / name).as_uri())
+        run_id = client.create_run(experiment).info.run_id
+        client.log_metric(run_id, "val_top1", 1.0, step=0)
+        assert log_model(uri, run_id, f"model_{name}", model.state_dict(), spec.to_dict()).endswith("/1")
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+        found = [m.name for m in client.search_registered_models()]
+        assert found == [f"model_{name}"], f"{uri} holds {found}"

@@ -10,7 +10,10 @@ The model is pickled (``serialization_format="pickle"``): loading it needs this 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,25 +56,51 @@ def log_model(uri: str, run_id: str, variant: str, weights: dict[str, Any], conf
         out = model(example)
     logits = out[-1] if isinstance(out, (list, tuple)) else out  # a cascade: its last exit
     signature = infer_signature(example.numpy(), logits.numpy())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    info = mlflow.pytorch.log_model(
-        model,
-        name=NAME,
-        run_id=run_id,
-        signature=signature,
-        input_example=example[:1].numpy(),
-        serialization_format="pickle",
-        # Given, so MLflow does not load the model in a subprocess to infer them (seconds each).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
-        registered_model_name=variant,
-        await_registration_for=0,
-    )
+    with _fluent_uris(uri):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=NAME,
+            run_id=run_id,
+            signature=signature,
+            input_example=example[:1].numpy(),
+            serialization_format="pickle",
+            # Given, so MLflow does not load the model in a subprocess to infer them (seconds each).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+            registered_model_name=variant,
+            await_registration_for=0,
+        )
     client = MlflowClient(uri, registry_uri=uri)
     version = info.registered_model_version
     best = promote_best(client, variant)
     log.info("%s: model logged, version %s of models:/%s (@%s: %s)", variant, version, variant, BEST, best)
     return f"models:/{variant}/{version}"
+
+
+@contextlib.contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (which ``log_model`` uses) at ``uri`` for tracking and registry, and
+    put everything back afterwards. ``mlflow.set_tracking_uri``/``set_registry_uri`` also write
+    ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` into ``os.environ``; left there, every later
+    ``MlflowClient`` of the process, and every child process, would read and write this study's
+    registry whatever URI it was given."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)  # None when unset
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])  # resets MLflow's tracer as well
+        registry_utils._registry_uri = saved[1]  # set_registry_uri(None) would keep the variable
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def promote_best(client: Any, variant: str) -> str | None:
