@@ -489,5 +489,3 @@ def write_shards(
             log.info("%s: %s converted", split, summary)
         log.info("wrote %d shard(s), kept %d; %.0f images/s", len(written), len(reused), run.images_per_s)
         return run
-
-

@@ -208,8 +208,7 @@ def _declared(root: Path) -> dict[str, list[str]]:
     for name, stage in stages.items():
         body = stage.get("do", stage)
         out[name] = [
-            p.replace("${key}", "{variant}").replace("${item}", "{variant}")
-            for p in body.get("params", [])
+            p.replace("${key}", "{variant}").replace("${item}", "{variant}") for p in body.get("params", [])
         ]
     return out
 

@@ -28,7 +28,6 @@ from helpers import (
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture()
 def study(tmp_path: Path, root: Path) -> Path:
     return make_fault_study(tmp_path, root)

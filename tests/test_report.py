@@ -322,9 +322,10 @@ def test_dvt_accuracy_at_each_budget_is_the_calibration_best_sweep_point_within_
         assert float(r["avg_gmacs"]) == pytest.approx(sum(STAGE_GMACS[:k]))
         assert r["paper_top1"] == "" and r["run_id"] == study.tune_run
     assert DEMO_SCALE in (built / "dvt_budgets.md").read_text()
-    assert "all 120 val images (thresholds calibrated on 120 training images)" in (
-        built / "dvt_budgets.md"
-    ).read_text()
+    assert (
+        "all 120 val images (thresholds calibrated on 120 training images)"
+        in (built / "dvt_budgets.md").read_text()
+    )
     assert set(DVT_PAPER) >= {"dvt_t2t_vit_12"}
 
 

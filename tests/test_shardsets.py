@@ -72,7 +72,10 @@ def test_info_json_with_brace_patterns_pipe_and_http_urls(foreign: Path, tmp_pat
                 "validation": {
                     "name": "validation",
                     "num_samples": 16,
-                    "filenames": [f"pipe:cat {foreign}/val-000000.tar", f"http://127.0.0.1:{port}/val-000000.tar"],
+                    "filenames": [
+                        f"pipe:cat {foreign}/val-000000.tar",
+                        f"http://127.0.0.1:{port}/val-000000.tar",
+                    ],
                 },
             },
         }

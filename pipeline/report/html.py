@@ -169,7 +169,7 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
         "server).</p>",
         "<p>Each training's final model is in MLflow's model registry under its variant's name, the best "
         "run's version aliased <code>@best</code>: <code>mlflow.pytorch.load_model(\"models:/&lt;variant&gt;"
-        "@best\")</code> loads it. "
+        '@best")</code> loads it. '
         + ", ".join(
             f'<a href="{ui}/#/models/{escape(v.variant, quote=True)}">{escape(v.variant)}</a>'
             for v in study.variants
