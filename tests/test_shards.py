@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_manifest_counts_and_index(images: Path, tmp_path: Path) -> None:
     manifest = _write(images, tmp_path / "s", max_samples_per_shard=5).manifest
+    # A finished folder: the shards, the index, timm's _info.json, the manifest and nothing else.
+    others = {p.name for p in (tmp_path / "s").iterdir() if not p.name.endswith(".tar")}
+    assert others == {MANIFEST, "index.parquet", "_info.json", ".gitignore"}, others
     assert manifest["classes"] == sorted(p.name for p in (images / "train").iterdir())
     train = manifest["splits"]["train"]
     assert train["count"] == train["found"] == train["written"] == 21 and train["skipped"] == []
@@ -217,12 +222,17 @@ def test_resume_rewrites_only_the_missing_and_damaged_shards(images: Path, tmp_p
     damaged = bytearray((out / "val-000001.tar").read_bytes())
     damaged[1000] ^= 0xFF
     (out / "val-000001.tar").write_bytes(bytes(damaged))
-    (out / MANIFEST).unlink()
+    # A finished folder keeps no progress record: its manifest and index stand in for it.
     again = _write(images, out, max_samples_per_shard=4, workers=2)
     assert again.written == ["train-000002.tar", "val-000001.tar"]
     assert len(again.reused) == 7 and again.images == 4 + 4
     assert _files(out) == _files(tmp_path / "ref")
     assert again.manifest == reference.manifest
+    # A source image modified after the manifest was written: its shard is written again.
+    changed = sorted((images / "train").rglob("*.JPEG"))[0]
+    os.utime(changed, ns=(time.time_ns() + 10**9,) * 2)
+    third = _write(images, out, max_samples_per_shard=4)
+    assert len(third.written) == 1 and len(third.reused) == 8
 
 
 def test_interrupted_run_keeps_complete_shards_and_writes_no_manifest(
@@ -245,6 +255,7 @@ def test_interrupted_run_keeps_complete_shards_and_writes_no_manifest(
     assert sorted(json.loads((out / PARTIAL).read_text())["shards"]) == sorted(calls)
     resumed = _write(images, out, max_samples_per_shard=4)
     assert sorted(resumed.reused) == sorted(calls) and len(resumed.written) == 9 - 3
+    assert not (out / PARTIAL).exists()  # the progress record is gone once the manifest is written
     _write(images, tmp_path / "ref", max_samples_per_shard=4)
     assert _files(out) == _files(tmp_path / "ref")
 
