@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_trains
 from timm.models.vision_transformer import Block
 
+import pipeline.models.cost as cost
 from pipeline.models import PAPER, count_macs, count_params
 from pipeline.models.dvt import (
     DVT_PAPER,
@@ -194,6 +195,14 @@ def test_relation_reuse_matches_the_authors_reshapes(source: int, target: int) -
         expected = _authors_relation_resize(adapter.mlp(logits), source, target)
         got = adapter(logits, (source, source), (target, target), 1)
     torch.testing.assert_close(got, expected)
+    # While MACs are counted the resize runs as gathers (zero MACs, as the paper counts it): same bias.
+    token = cost._COUNTING.set(True)
+    try:
+        with torch.no_grad():
+            counted = adapter(logits, (source, source), (target, target), 1)
+    finally:
+        cost._COUNTING.reset(token)
+    torch.testing.assert_close(counted, expected)
 
 
 def test_reuse_block_follows_the_paper_formula() -> None:

@@ -18,16 +18,31 @@ FLOP formula only for some of those kernels, and which ones differs between rele
 enabled (:func:`torch.nn.attention.sdpa_kernel`). That backend is a composite of ``matmul`` and
 ``softmax``, so the counter sees two ``bmm`` calls, whose formula every build registers; the result
 is the same on every device and build, and equals the count on the ``meta`` device.
+
+A module may compute at run time, as a matrix product, something the convention counts at zero:
+DVT's resizes of reused maps (nearest upsampling then average pooling in the paper, linear maps
+that this code runs as small matrix products because gathers were ten times slower). Such a module
+asks :func:`counting_macs` and takes its uncounted form while ``count_macs`` traces it, so the
+count stays the paper's.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["count_macs", "count_params", "counting_macs"]
+
+_COUNTING = contextvars.ContextVar("counting_macs", default=False)
+
+
+def counting_macs() -> bool:
+    """True while :func:`count_macs` traces a forward pass (see the module docstring)."""
+    return _COUNTING.get()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -70,6 +85,7 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     image = torch.zeros(1, in_chans, img_size, img_size, device=device, dtype=dtype)
     was_training = model.training
     model.eval()
+    counting = _COUNTING.set(True)
     try:
         with (
             torch.no_grad(),
@@ -78,5 +94,6 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
         ):
             model(image)
     finally:
+        _COUNTING.reset(counting)
         model.train(was_training)
     return counter.get_total_flops() // 2
