@@ -382,24 +382,28 @@ def make_fault_study(tmp_path: Path, root: Path) -> Path:
     return tmp_path
 
 
-def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Until the first epoch is checkpointed and logged (rank 0 logs only after Ray persisted it)."""
+def wait_for_checkpoint(
+    repo: Path, proc: subprocess.Popen, timeout: float = 240, store: str | None = None
+) -> None:
+    """Until the first epoch is checkpointed and logged (rank 0 logs only after Ray persisted it).
+    ``store``: the tracking URI to read, when not the repo's ``mlflow.db``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"training ended before its first checkpoint:\n{proc.stdout.read()[-4000:]}")
         # Read MLflow only once Ray wrote a checkpoint: the driver has long created the database.
         checkpointed = any((repo / "runs" / "ray").glob("*/checkpoint_*"))
-        if checkpointed and any(steps for _, steps in mlflow_runs(repo)):
+        if checkpointed and any(steps for _, steps in mlflow_runs(repo, store)):
             return
         time.sleep(1)
     raise AssertionError("no checkpoint appeared")
 
 
-def mlflow_runs(repo: Path) -> list:
+def mlflow_runs(repo: Path, store: str | None = None) -> list:
+    """Every run of the store (the repo's ``mlflow.db`` by default) with the steps of its val_top1."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(store or f"sqlite:///{repo / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments)
     return [(r, sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1"))) for r in runs]
@@ -417,11 +421,11 @@ def ray_checkpoints(repo: Path) -> set[tuple[int, int]]:
     return found
 
 
-def resumed_at(repo: Path, run) -> list[tuple[int, int]]:
+def resumed_at(repo: Path, run, store: str | None = None) -> list[tuple[int, int]]:
     """Where each resumed attempt of the run started, as its rank 0 logged it to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(store or f"sqlite:///{repo / 'mlflow.db'}")
     epochs = sorted(client.get_metric_history(run.info.run_id, "resumed_epoch"), key=lambda m: m.step)
     steps = sorted(client.get_metric_history(run.info.run_id, "resumed_step"), key=lambda m: m.step)
     return [(int(e.value), int(s.value)) for e, s in zip(epochs, steps, strict=True)]

@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,10 +20,12 @@ import pytest
 import yaml
 from helpers import (
     FAULT_EPOCHS,
+    free_port,
     make_fault_study,
     mlflow_runs,
     ray_checkpoints,
     resumed_at,
+    stop_process_tree,
     wait_for_checkpoint,
 )
 
@@ -33,10 +37,11 @@ def study(tmp_path: Path, root: Path) -> Path:
     return make_fault_study(tmp_path, root)
 
 
-def _start(repo: Path, tag: str) -> subprocess.Popen:
+def _start(repo: Path, tag: str, **extra_env: str) -> subprocess.Popen:
     env = {**os.environ, "STUDY_TEST_TAG": tag, "PYTHONPATH": str(Path(__file__).parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
+    env.update(extra_env)
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--variant", "tiny"],
         cwd=repo,
@@ -139,3 +144,96 @@ def test_a_sigkilled_driver_is_resumed_by_the_rerun(study: Path) -> None:
     [resumed] = resumed_at(study, run)
     assert resumed in on_disk and resumed != (0, 0)
     assert not list((study / "runs" / "ray").glob("*.lock")), "released at the end"
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite store, proxied artifacts) on a fixed port, stopped and
+    started again on the same port and store, as a restarted tracking server would be."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.port = base, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{base / 'mlflow.db'}"  # read directly by the test, server up or not
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        cmd = [str(mlflow), "server", "--backend-store-uri", self.store, "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--artifacts-destination", str(self.base / "artifacts")]
+        log = open(self.base / "server.log", "a")  # noqa: SIM115 (the server's own, closed with it)
+        self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.base / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(
+            f"mlflow server did not start:\n{(self.base / 'server.log').read_text()[-3000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_tree(self.proc)
+            self.proc = None
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    (tmp_path / "server").mkdir()
+    s = MlflowServer(tmp_path / "server")
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_a_tracking_server_restarted_mid_run_gets_the_gap_logged_after(study: Path, server) -> None:
+    """The server goes away after the first epoch and comes back 20 s later: rank 0's logging waits
+    (MLflow's HTTP retries) and the training goes on; the run ends FINISHED with every epoch once."""
+    tag = uuid.uuid4().hex
+    proc = _start(study, tag, MLFLOW_TRACKING_URI=server.url)
+    try:
+        wait_for_checkpoint(study, proc, store=server.store)
+        server.stop()
+        time.sleep(20)  # training goes on; the epochs it logs meanwhile wait in MLflow's retries
+        server.start()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop_process_tree(proc)
+    assert proc.returncode == 0, out[-6000:]
+    [(run, steps)] = mlflow_runs(study, server.store)
+    assert run.info.status == "FINISHED"
+    assert steps == list(range(FAULT_EPOCHS))  # the gap's epochs logged after, none twice
+    assert not (study / "mlflow.db").exists()  # everything went to the server
+
+
+def test_a_tracking_server_gone_fails_the_stage_naming_it_and_keeps_the_checkpoint(
+    study: Path, server
+) -> None:
+    """The server goes away for good (no retries): the stage fails naming the server, the Ray
+    checkpoints stay, and once the server is back the re-run resumes the same run from them."""
+    tag = uuid.uuid4().hex
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    proc = _start(study, tag, MLFLOW_TRACKING_URI=server.url, **quick)
+    try:
+        wait_for_checkpoint(study, proc, store=server.store)
+        server.stop()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop_process_tree(proc)
+    assert proc.returncode != 0, out[-6000:]
+    assert f"127.0.0.1:{server.port}" in out, out[-6000:]
+    on_disk = ray_checkpoints(study)
+    assert on_disk, "the checkpoints are kept"
+    [(first, _)] = mlflow_runs(study, server.store)
+
+    server.start()
+    again = _start(study, tag, MLFLOW_TRACKING_URI=server.url)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-6000:]
+    [(run, steps)] = mlflow_runs(study, server.store)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert steps == list(range(FAULT_EPOCHS))
+    assert resumed_at(study, run, server.store)[-1] in on_disk
