@@ -74,6 +74,13 @@ class ShardConfig(_Section):
         description="Empty, truncated or undecodable files: 'fail' stops the stage naming every one; "
         "'skip' leaves them out and lists them, with the reason, in the manifest.",
     )
+    verify_sha256: bool = Field(
+        False,
+        description="The train, tune_dvt and evaluate stages check each shard's sha256 against the "
+        "manifest the first time a process reads it to its end: changed bytes are an error naming the "
+        "shard. Costs a sha256 of every shard's bytes as they are read, once per process (each epoch's "
+        "DataLoader workers are new processes). The shard stage ignores it (docs/data.md).",
+    )
 
 
 class DataConfig(_Section):

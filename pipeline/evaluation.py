@@ -35,13 +35,23 @@ from pipeline.pretrained import (
 log = logging.getLogger(__name__)
 
 
-def shard_loader(shards: str, transform: Any, batch_size: int, workers: int) -> tuple[Any, int, list[str]]:
-    """The ``val`` split of ``shards`` through ``transform``: loader, image count and the classes (wnids)."""
+def shard_loader(
+    shards: str, transform: Any, batch_size: int, workers: int, *, verify_sha256: bool = False
+) -> tuple[Any, int, list[str]]:
+    """The ``val`` split of ``shards`` through ``transform``: loader, image count and the classes (wnids).
+    With ``verify_sha256`` (``data.shards.verify_sha256``) each shard's sha256 is checked on its first
+    read in a process."""
     from pipeline.data import build_eval_loader
     from pipeline.shards import read_manifest
 
     loader, count = build_eval_loader(
-        shards, rank=0, world_size=1, batch_size=batch_size, transform=transform, loader_workers=workers
+        shards,
+        rank=0,
+        world_size=1,
+        batch_size=batch_size,
+        transform=transform,
+        loader_workers=workers,
+        verify_sha256=verify_sha256,
     )
     return loader, count, list(read_manifest(shards)["classes"])
 
@@ -155,7 +165,13 @@ def evaluate_entry(cfg: StudyConfig, name: str, *, root: Path, results_dir: Path
     from timm.data import create_transform
 
     transform = create_transform(**data, is_training=False)
-    loader, count, _ = shard_loader(shards, transform, entry.batch_size, entry.loader_workers)
+    loader, count, _ = shard_loader(
+        shards,
+        transform,
+        entry.batch_size,
+        entry.loader_workers,
+        verify_sha256=cfg.data.shards.verify_sha256,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log.info("%s: %s from %s, data config %s, %d images on %s", name, entry.model, path, data, count, device)
     result = evaluate(model, loader, len(classes), device=device, total=count)

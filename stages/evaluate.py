@@ -8,11 +8,12 @@ and threshold curve) and written to ``results/pretrained/<name>.json``.
 As a command line, like timm's ``validate.py`` (prints top-1, top-5 and images/s, no MLflow)::
 
     python -m stages.evaluate --model t2t_vit_14 --checkpoint 81.5_T2T_ViT_14.pth.tar \\
-        [--img-size 224] [--crop-pct 0.9] [--shards DIR | --images DIR]
+        [--img-size 224] [--crop-pct 0.9] [--shards DIR | --images DIR] [--verify-sha256]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,10 +22,10 @@ from pipeline.paths import repo_root
 from stages import _cli
 
 # "pretrained.{variant}" is the entry's own section: dvc.yaml declares pretrained.${key}.
-PARAMS = ["pretrained.{variant}", "data.shards.output", "tracking"]
+PARAMS = ["pretrained.{variant}", "data.shards.output", "data.shards.verify_sha256", "tracking"]
 
 
-def _standalone(args) -> None:  # noqa: ANN001 - argparse namespace
+def _standalone(args, cfg) -> None:  # noqa: ANN001 - argparse namespace, the params (or None)
     import torch
     from timm.data import create_transform
 
@@ -42,7 +43,12 @@ def _standalone(args) -> None:  # noqa: ANN001 - argparse namespace
         loader, count, classes = folder_loader(args.images, transform, args.batch_size, args.workers)
     else:
         shards = args.shards or resolve_output(_cli.config(args.params).data.shards.output, root)
-        loader, count, classes = shard_loader(str(shards), transform, args.batch_size, args.workers)
+        verify = args.verify_sha256
+        if verify is None:
+            verify = cfg is not None and cfg.data.shards.verify_sha256
+        loader, count, classes = shard_loader(
+            str(shards), transform, args.batch_size, args.workers, verify_sha256=verify
+        )
     checked_classes(model, path, classes)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"{args.model} from {path}: {count} images, {data}", file=sys.stderr)
@@ -80,6 +86,12 @@ def main() -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--shards", type=Path, help="a shard folder (default: data.shards.output of params)")
     source.add_argument("--images", type=Path, help="a folder of class folders <wnid>/*.JPEG")
+    p.add_argument(
+        "--verify-sha256",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check each shard's sha256 against its manifest (default: data.shards.verify_sha256 of params)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -89,7 +101,7 @@ def main() -> None:
     if args.name is None:
         if not (args.model and args.checkpoint):
             p.error("give --name (stage mode) or both --model and --checkpoint (command-line mode)")
-        _standalone(args)
+        _standalone(args, cfg)
         return
     assert cfg is not None
     if args.name not in cfg.pretrained:

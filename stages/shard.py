@@ -1,7 +1,8 @@
 """DVC stage ``shard``: an ImageNet download to WebDataset tar shards, manifest and index.
 
-Inside the pipeline it reads ``data.root`` and ``data.shards`` from params.yaml. Standalone, on any
-folder and without touching params.yaml (docs/data.md):
+Inside the pipeline it reads ``data.root`` and ``data.shards`` (all but ``verify_sha256``, which
+only the readers use) from params.yaml. Standalone, on any folder and without touching params.yaml
+(docs/data.md):
 
     python -m stages.shard --source /datasets/imagenet --output /fast/shards --workers 0
 
@@ -18,7 +19,17 @@ from pipeline.shards import ShardError, resolve_output, write_shards
 from pipeline.storage import LeaseHeld
 from stages import _cli
 
-PARAMS = ["data.root", "data.shards"]
+# Every key of data.shards but verify_sha256 (a reader's check): switching it on re-runs no sharding.
+PARAMS = [
+    "data.root",
+    "data.shards.output",
+    "data.shards.max_samples_per_shard",
+    "data.shards.max_bytes_per_shard",
+    "data.shards.seed",
+    "data.shards.workers",
+    "data.shards.verify",
+    "data.shards.on_bad_image",
+]
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pipeline.paths import repo_root
 from stages import _cli
 
 # "variants.{variant}" is the variant's own section: dvc.yaml declares variants.${key}.
-PARAMS = ["train", "data.shards.output", "tracking", "variants.{variant}"]
+PARAMS = ["train", "data.shards.output", "data.shards.verify_sha256", "tracking", "variants.{variant}"]
 
 
 def main() -> None:

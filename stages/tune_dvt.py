@@ -14,7 +14,7 @@ import sys
 from pipeline.paths import repo_root
 from stages import _cli
 
-PARAMS = ["dvt", "train", "tracking", "variants.{variant}"]
+PARAMS = ["dvt", "train", "data.shards.verify_sha256", "tracking", "variants.{variant}"]
 
 
 def main() -> None:

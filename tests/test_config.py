@@ -82,7 +82,7 @@ def test_batch_must_split_over_workers(root: Path) -> None:
     ("section", "key", "value"),
     [("train", "epochs", True), ("train", "epochs", "3"), ("train", "use_gpu", "yes"),
      ("train", "lr", "fast"), ("train", "epochs", 3.0), ("data.demo", "num_classes", False),
-     ("report", "output", 7)],
+     ("report", "output", 7), ("data.shards", "verify_sha256", "yes"), ("data.shards", "verify_sha256", 1)],
 )  # fmt: skip
 def test_wrong_types_are_refused_not_coerced(root: Path, section: str, key: str, value: object) -> None:
     raw = _raw(root)
@@ -234,6 +234,32 @@ def test_declared_params_exist_in_config(root: Path) -> None:
             for part in key.replace("{variant}", variant).split("."):
                 assert part in node, f"{key} is declared in dvc.yaml but is not a config key"
                 node = node[part]
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/mini.yaml", "profiles/imagenet.yaml"])
+def test_shipped_params_files_spell_out_every_declared_key(root: Path, name: str) -> None:
+    """DVC reads a declared key from the file itself, without the config's defaults: a key left out
+    fails dvc repro (``Parameters ... are missing``)."""
+    raw = yaml.safe_load((root / name).read_text())
+    for key in {key for params in _declared(root).values() for key in params}:
+        node = raw
+        for part in key.split("."):
+            if part == "{variant}":
+                if not node:
+                    break  # no entry (pretrained in the demo profiles): the foreach makes no stage
+                part = next(iter(node))
+            assert isinstance(node, dict) and part in node, f"{name} does not spell out {key}"
+            node = node[part]
+
+
+def test_the_shard_stage_declares_every_shard_key_but_the_readers_check() -> None:
+    """A new data.shards key is declared where it is read; verify_sha256 is only the readers'."""
+    from pipeline.config import ShardConfig
+    from stages import evaluate, shard, train, tune_dvt
+
+    declared = {p.removeprefix("data.shards.") for p in shard.PARAMS if p.startswith("data.shards.")}
+    assert declared == set(ShardConfig.model_fields) - {"verify_sha256"}
+    assert all("data.shards.verify_sha256" in m.PARAMS for m in (train, tune_dvt, evaluate))
 
 
 def test_no_hyperparameter_in_cmd(root: Path) -> None:

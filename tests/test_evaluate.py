@@ -165,6 +165,56 @@ def test_command_line_on_shards_and_on_an_image_folder_agree(
     assert results[0]["images"] == results[1]["images"] == 16
 
 
+def _altered_copy(tiny_shards: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shards whose first val shard had three bytes of a member's zero padding changed
+    after the manifest was written (same size, samples and images: only its sha256 differs)."""
+    import shutil
+    import tarfile
+
+    from pipeline.data import shard_urls
+
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "altered"))
+    victim = Path(shard_urls(shards, "val")[0][0])
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar.getmembers() if 0 < m.size % 512 <= 509)
+    raw = bytearray(victim.read_bytes())
+    raw[member.offset_data + member.size : member.offset_data + member.size + 3] = b"\x01\x02\x03"
+    victim.write_bytes(bytes(raw))
+    return shards, victim
+
+
+def test_the_stage_and_the_command_line_check_sha256_when_asked(
+    root: Path, tiny_shards: Path, tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    import re
+
+    import stages.evaluate
+    from pipeline import data
+    from pipeline.data import SampleError
+    from pipeline.evaluation import evaluate_entry
+
+    shards, victim = _altered_copy(tiny_shards, tmp_path)
+    _project_checkpoint(tmp_path / "model.pt")
+    error = rf"shard {re.escape(str(victim))}: sha256 [0-9a-f]{{64}}, its manifest record"
+    entry = {"x": {"model": "t2t_vit_7", "checkpoint": str(tmp_path / "model.pt"), "img_size": 32}}
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["data"]["shards"].update(output=str(shards), verify_sha256=True)
+    raw["pretrained"] = entry
+    monkeypatch.setattr(data, "_VERIFIED", set())
+    with pytest.raises(SampleError, match=error):  # the stage, data.shards.verify_sha256: true
+        evaluate_entry(parse_config(raw), "x", root=tmp_path, results_dir=tmp_path / "results")
+
+    checkpoint = str(tmp_path / "model.pt")
+    argv = ["evaluate", "--model", "t2t_vit_7", "--checkpoint", checkpoint, "--shards", str(shards)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--verify-sha256"])
+    with pytest.raises(SampleError, match=error):
+        stages.evaluate.main()
+    monkeypatch.setattr(sys, "argv", argv)  # params.yaml leaves it off
+    stages.evaluate.main()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 16
+
+
 def test_predict_prints_imagenet_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
     from timm.data import ImageNetInfo

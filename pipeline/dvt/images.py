@@ -65,16 +65,18 @@ def image_sets(dvt: DVTConfig, shards: str) -> tuple[ImageSet, ImageSet]:
 
 
 def iter_batches(
-    shards: str, images: ImageSet, transform: Callable, batch_size: int
+    shards: str, images: ImageSet, transform: Callable, batch_size: int, *, verify_sha256: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The images of ``images`` in index order, decoded with ``transform``, in batches.
 
-    Samples not in the set are skipped without decoding.
+    Samples not in the set are skipped without decoding. With ``verify_sha256``
+    (``data.shards.verify_sha256``) each shard's sha256 is checked on its first read in this process.
     """
     urls, _ = shard_urls(shards, images.split)
     wanted = images.indices
     position, batch, labels = 0, [], []
-    for index, sample in enumerate(read_samples(urls, shard_records(shards, images.split))):
+    samples = read_samples(urls, shard_records(shards, images.split), verify_sha256=verify_sha256)
+    for index, sample in enumerate(samples):
         if position == wanted.size:
             break
         if index != wanted[position]:

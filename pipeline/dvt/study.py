@@ -70,20 +70,24 @@ def _read_record(results: Path, variant: str, role: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _outputs(model: torch.nn.Module, shards: str, images: ImageSet, spec: RunSpec, device: torch.device):
+def _outputs(
+    model: torch.nn.Module, shards: str, images: ImageSet, spec: RunSpec, device: torch.device, verify: bool
+):
     from pipeline.data import build_transforms
 
     _, eval_tf = build_transforms(spec.train.img_size, spec.train.augment)
-    return predict(model, iter_batches(shards, images, eval_tf, batch_size=64), device)
+    batches = iter_batches(shards, images, eval_tf, batch_size=64, verify_sha256=verify)
+    return predict(model, batches, device)
 
 
-def _speed_batch(shards: str, reported: ImageSet, spec: RunSpec, size: int) -> torch.Tensor:
+def _speed_batch(shards: str, reported: ImageSet, spec: RunSpec, size: int, verify: bool) -> torch.Tensor:
     """The first ``size`` reported images (fewer if fewer are reported)."""
     from pipeline.data import build_transforms
 
     _, eval_tf = build_transforms(spec.train.img_size, spec.train.augment)
     subset = ImageSet(reported.split, reported.indices[:size])
-    return torch.cat([images for images, _ in iter_batches(shards, subset, eval_tf, batch_size=size)])
+    batches = iter_batches(shards, subset, eval_tf, batch_size=size, verify_sha256=verify)
+    return torch.cat([images for images, _ in batches])
 
 
 def _throughput(
@@ -215,6 +219,7 @@ def tune_cascade(
         device = torch.device("cuda" if use_gpu else "cpu")
         cascade, spec = _load_model(load_final_state(tracking_uri, trained["run_id"]), device)
         shards = spec.shards
+        verify = cfg.data.shards.verify_sha256  # this stage's param, not the one the cascade trained with
         calib_set, reported_set = image_sets(dvt, shards)
         log.info(
             "%s: calibrating on %d %s images, reporting on %d val images",
@@ -223,8 +228,8 @@ def tune_cascade(
             calib_set.split,
             len(reported_set),
         )
-        calib = _outputs(cascade, shards, calib_set, spec, device)
-        reported = _outputs(cascade, shards, reported_set, spec, device)
+        calib = _outputs(cascade, shards, calib_set, spec, device, verify)
+        reported = _outputs(cascade, shards, reported_set, spec, device, verify)
         stage_macs = [float(m) for m in cascade.stage_macs(spec.train.img_size)]
 
         static = static_score = None
@@ -233,7 +238,7 @@ def tune_cascade(
             from pipeline.models.cost import count_macs
 
             s_calib, s_rep = (
-                _outputs(static, shards, s, static_spec, device) for s in (calib_set, reported_set)
+                _outputs(static, shards, s, static_spec, device, verify) for s in (calib_set, reported_set)
             )
             static_score = StaticScore(
                 variant=backbone,
@@ -258,7 +263,9 @@ def tune_cascade(
             eta = search_thresholds(dvt, *calib, stage_macs, budget * 1e9, context)
             reuse = None
             if variant in dvt.reuse_ablation:
-                base = replace(spec, shards=shards, tracking_uri=tracking_uri, run_id=None)
+                base = replace(
+                    spec, shards=shards, tracking_uri=tracking_uri, run_id=None, verify_sha256=verify
+                )
                 trials = search_reuse(dvt, base, context)
                 reuse = ReuseAblation(dvt.reuse_epochs, dvt.reuse_steps_per_epoch, dvt.reuse_workers, trials)
         match = cheapest_reaching(curve, static_score.calib_accuracy) if static_score else None
@@ -281,7 +288,7 @@ def tune_cascade(
             static=static_score,
             reuse=reuse,
         )
-        batch = _speed_batch(shards, reported_set, spec, dvt.speed_batch)
+        batch = _speed_batch(shards, reported_set, spec, dvt.speed_batch, verify)
         log.info("%s: timing on a batch of %d reported images", variant, batch.shape[0])
         speed = _throughput(
             cfg,

@@ -41,6 +41,8 @@ class RunSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None
     run_id: str | None = None
+    #: Check each shard's sha256 on its first read in a process (``data.shards.verify_sha256``).
+    verify_sha256: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -201,6 +203,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         seed=cfg.seed,
         loader_workers=cfg.loader_workers,
         accumulation=accum,
+        verify_sha256=spec.verify_sha256,
     )
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)  # the same cap on every rank: DDP stays in step
@@ -211,6 +214,7 @@ def fit(spec: RunSpec, session: Session) -> dict[str, float]:
         batch_size=batch // accum,
         transform=eval_tf,
         loader_workers=cfg.loader_workers,
+        verify_sha256=spec.verify_sha256,
     )
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = cfg.lr_schedule_unit == "epoch"  # as the authors' timm 0.3.4: one rate per epoch

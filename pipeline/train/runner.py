@@ -244,6 +244,7 @@ def _train_seed(cfg: StudyConfig, variant: str, seed: int, *, root: Path) -> dic
         num_classes=len(manifest["classes"]),
         model_kwargs=dict(vcfg.model_kwargs),
         tracking_uri=uri,
+        verify_sha256=cfg.data.shards.verify_sha256,
     )
     model = build_model(spec)  # fails here, in seconds, on a bad model name or kwargs
     n_all, n_trainable = count_params(model)
