@@ -11,7 +11,8 @@ Written under the output folder (``reports/``), all described in docs/report.md:
   ``comparison`` (T2T-ViT against ViT, one row per variant, the paper beside it),
   ``paper_t2t_vs_vit``, ``cnn_to_vit``, ``dvt_budgets``, ``dvt_speed``, ``dvt_reuse``;
 * figures (:mod:`~pipeline.report.plots`), each as ``.png`` and ``.svg``: ``accuracy_vs_macs``,
-  ``accuracy_vs_params``, ``dvt_vs_static``, ``dvt_exits``, ``training_curves``;
+  ``accuracy_vs_params``, ``dvt_vs_static`` (with the evaluated DVT checkpoints' curves,
+  :mod:`~pipeline.report.published`), ``dvt_exits``, ``training_curves``;
 * ``curves/<variant>.csv``: per-epoch metrics of each run (for ``dvc plots``);
 * ``metrics.json`` (for ``dvc metrics`` / ``dvc exp show``);
 * ``index.html`` (:mod:`~pipeline.report.html`): all of it in one self-contained page.
@@ -33,13 +34,7 @@ from pathlib import Path
 from pipeline.report.collect import Epoch, ReportError, Study, collect, ui_base
 from pipeline.report.html import write_html
 from pipeline.report.plots import FIGURES, write_figures
-from pipeline.report.published import (
-    add_to_comparison,
-    dvt_published_figure,
-    published_table,
-    read_published,
-    write_figure,
-)
+from pipeline.report.published import add_to_comparison, dvt_figure, published_table, read_published
 from pipeline.report.table import Table, write_table
 from pipeline.report.tables import build_tables, metrics_json
 
@@ -98,7 +93,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(study)
     # The evaluate stages' checkpoints (results/pretrained/*.json): a column group of comparison,
-    # their own table and, for DVT files, a figure (pipeline/report/published.py).
+    # their own table and, for DVT files, their curves in dvt_vs_static (pipeline/report/published.py).
     published = read_published(results_dir, tracking_uri, study.ui_base)
     for table in tables:
         add_to_comparison(table, study, published)
@@ -108,10 +103,10 @@ def build_report(
         write_table(table, out)
     (out / "metrics.json").write_text(json.dumps(metrics_json(study, tables), indent=2) + "\n")
     write_curves(study, out / "curves")
-    figures = write_figures(study, out)
-    if (extra := dvt_published_figure(published)) is not None:
-        write_figure(extra, study, out)
-        figures = [*figures, extra]
+    figures = list(FIGURES)
+    if (dvt := dvt_figure(published)) is not None:  # the DVT checkpoints' curves join dvt_vs_static
+        figures = [dvt if f.name == dvt.name else f for f in figures]
+    figures = write_figures(study, out, figures)
     page = write_html(study, tables, figures, out)
     log.info(
         "report: %d of %d variants measured, %d of %d DVT cascades tuned -> %s",

@@ -151,7 +151,6 @@ def render(study: Study, tables: Sequence[Table], figures: Sequence[Figure], out
             [
                 t["dvt_budgets"],
                 f["dvt_vs_static"],
-                *([f["dvt_published"]] if "dvt_published" in f else []),  # a released cascade's curve
                 t["dvt_speed"],
                 f["dvt_exits"],
                 t["dvt_reuse"],

@@ -4,7 +4,8 @@
   trained models on the left, the papers' published ImageNet points on the right (their own axes:
   demo-scale models cost a hundredth of ImageNet ones).
 * ``dvt_vs_static``: DVT's accuracy against average MACs (the threshold sweep), its tuned settings
-  and each exit alone, over this study's static models as points.
+  and each exit alone, over this study's static models as points; an evaluated published DVT
+  checkpoint adds its curves to it (:func:`pipeline.report.published.dvt_figure`).
 * ``training_curves``: validation top-1 and training loss per epoch, one line per variant, from the
   MLflow metric history.
 * ``dvt_exits``: the share of images answering at each stage under the thresholds both searches chose.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dvt.points import best_within
-from pipeline.report.collect import Study
+from pipeline.report.collect import DVTResult, Study
 from pipeline.report.dvt import BUDGET_FRACTIONS, same_image_statics
 from pipeline.report.paper import CNN_TO_VIT_ROWS, T2T_VS_VIT_ROWS, PaperRow, paper_row
 
@@ -231,100 +232,108 @@ def _dvt_axes(fig: Any, study: Study) -> list[tuple[Any, Any]]:
     return list(zip(axes, study.tuned, strict=True))
 
 
+def dvt_panel(ax: Any, study: Study, dvt: DVTResult, more: Callable[[Any], None] | None = None) -> None:
+    """One tuned cascade's panel of ``dvt_vs_static``; ``more(ax)`` draws further series on it (a
+    published checkpoint's curves, :mod:`~pipeline.report.published`) before the axes are finished."""
+    r = dvt.record
+    sweep = sorted(r.curve, key=lambda p: p.avg_gmacs)
+    ax.plot(
+        [p.avg_gmacs for p in sweep],
+        [p.accuracy for p in sweep],
+        "-",
+        color="C2",
+        lw=1.2,
+        marker=".",
+        ms=4,
+        label="DVT, MSDNet threshold sweep",
+    )
+    tuned = [(r.msdnet, "D", "MSDNet rule for the budget"), (r.optuna, "*", "Optuna for the budget")]
+    if r.match_static is not None:
+        tuned.append((r.match_static, "P", "matching the backbone (calibration)"))
+    for point, marker, label in tuned:
+        ax.scatter(
+            point.avg_gmacs,
+            point.accuracy,
+            marker=marker,
+            s=120 if marker == "*" else 50,
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=4,
+            label=label,
+        )
+    labels, cumulative = [], 0.0
+    for k, (stage, top1) in enumerate(zip(r.stage_gmacs, r.exit_top1, strict=True), start=1):
+        cumulative += stage
+        ax.scatter(
+            cumulative,
+            top1,
+            marker="^",
+            s=45,
+            facecolors="none",
+            edgecolors="C2",
+            linewidths=1.3,
+            zorder=3,
+            label="each exit alone" if k == 1 else None,
+        )
+        labels.append((cumulative, top1, f"exit {k}", {"color": "C2"}))
+    # Static models far costlier than the whole cascade would squash its curve: named, not drawn.
+    reach, seen, off_axis = 2.0 * r.full_gmacs, set(), []
+    for variant, top1, gmacs in same_image_statics(study, dvt):
+        if gmacs > reach:
+            off_axis.append(f"{variant} ({gmacs:.3g} G, {top1:.1f} %)")
+            continue
+        found = study.find(variant)
+        fam = family(found.measured.model) if found and found.measured else "T2T-ViT"
+        ax.scatter(
+            gmacs,
+            top1,
+            s=60,
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=4,
+            label=f"{fam} static" if fam not in seen else None,
+            **FAMILY_STYLE[fam],
+        )
+        seen.add(fam)
+        labels.append((gmacs, top1, variant, {}))
+    for fraction in BUDGET_FRACTIONS:
+        x = fraction * r.full_gmacs
+        ax.axvline(x, color="0.6", ls=":", lw=0.8)
+        best = best_within(r.curve, x)
+        if best is not None:
+            ax.scatter(
+                best.avg_gmacs,
+                best.accuracy,
+                s=130,
+                facecolors="none",
+                edgecolors="0.3",
+                zorder=2,
+                label="best within 25/50/75/100 % (calibration)" if fraction == 0.25 else None,
+            )
+    if more is not None:
+        more(ax)
+    ax.set_xlabel("average MACs per image (G, all matmuls)")
+    ax.set_ylabel(f"top-1 (%) on {r.reported_images} reported val images")
+    ax.set_title(f"{dvt.variant} ({r.calibration} calibration)", fontsize=9)
+    if off_axis:
+        ax.text(
+            0.01,
+            0.01,
+            "beyond the x range: " + "; ".join(off_axis),
+            transform=ax.transAxes,
+            fontsize=7,
+            color="0.35",
+            va="bottom",
+        )
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    _place_labels(ax, labels)
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def _draw_dvt(fig: Any, study: Study) -> None:
     for ax, dvt in _dvt_axes(fig, study):
-        r = dvt.record
-        sweep = sorted(r.curve, key=lambda p: p.avg_gmacs)
-        ax.plot(
-            [p.avg_gmacs for p in sweep],
-            [p.accuracy for p in sweep],
-            "-",
-            color="C2",
-            lw=1.2,
-            marker=".",
-            ms=4,
-            label="DVT, MSDNet threshold sweep",
-        )
-        tuned = [(r.msdnet, "D", "MSDNet rule for the budget"), (r.optuna, "*", "Optuna for the budget")]
-        if r.match_static is not None:
-            tuned.append((r.match_static, "P", "matching the backbone (calibration)"))
-        for point, marker, label in tuned:
-            ax.scatter(
-                point.avg_gmacs,
-                point.accuracy,
-                marker=marker,
-                s=120 if marker == "*" else 50,
-                edgecolor="black",
-                linewidth=0.6,
-                zorder=4,
-                label=label,
-            )
-        labels, cumulative = [], 0.0
-        for k, (stage, top1) in enumerate(zip(r.stage_gmacs, r.exit_top1, strict=True), start=1):
-            cumulative += stage
-            ax.scatter(
-                cumulative,
-                top1,
-                marker="^",
-                s=45,
-                facecolors="none",
-                edgecolors="C2",
-                linewidths=1.3,
-                zorder=3,
-                label="each exit alone" if k == 1 else None,
-            )
-            labels.append((cumulative, top1, f"exit {k}", {"color": "C2"}))
-        # Static models far costlier than the whole cascade would squash its curve: named, not drawn.
-        reach, seen, off_axis = 2.0 * r.full_gmacs, set(), []
-        for variant, top1, gmacs in same_image_statics(study, dvt):
-            if gmacs > reach:
-                off_axis.append(f"{variant} ({gmacs:.3g} G, {top1:.1f} %)")
-                continue
-            found = study.find(variant)
-            fam = family(found.measured.model) if found and found.measured else "T2T-ViT"
-            ax.scatter(
-                gmacs,
-                top1,
-                s=60,
-                edgecolor="black",
-                linewidth=0.6,
-                zorder=4,
-                label=f"{fam} static" if fam not in seen else None,
-                **FAMILY_STYLE[fam],
-            )
-            seen.add(fam)
-            labels.append((gmacs, top1, variant, {}))
-        for fraction in BUDGET_FRACTIONS:
-            x = fraction * r.full_gmacs
-            ax.axvline(x, color="0.6", ls=":", lw=0.8)
-            best = best_within(r.curve, x)
-            if best is not None:
-                ax.scatter(
-                    best.avg_gmacs,
-                    best.accuracy,
-                    s=130,
-                    facecolors="none",
-                    edgecolors="0.3",
-                    zorder=2,
-                    label="best within 25/50/75/100 % (calibration)" if fraction == 0.25 else None,
-                )
-        ax.set_xlabel("average MACs per image (G, all matmuls)")
-        ax.set_ylabel(f"top-1 (%) on {r.reported_images} reported val images")
-        ax.set_title(f"{dvt.variant} ({r.calibration} calibration)", fontsize=9)
-        if off_axis:
-            ax.text(
-                0.01,
-                0.01,
-                "beyond the x range: " + "; ".join(off_axis),
-                transform=ax.transAxes,
-                fontsize=7,
-                color="0.35",
-                va="bottom",
-            )
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        _place_labels(ax, labels)
-        ax.legend(fontsize=7, loc="lower right")
+        dvt_panel(ax, study, dvt)
 
 
 def _draw_curves(fig: Any, study: Study) -> None:
@@ -428,10 +437,11 @@ FIGURES = [
 ]
 
 
-def write_figures(study: Study, out: Path) -> list[Figure]:
-    """Draw every figure as ``<name>.png`` and ``<name>.svg`` under ``out``."""
+def write_figures(study: Study, out: Path, figures: list[Figure] | None = None) -> list[Figure]:
+    """Draw every figure (``FIGURES`` unless given) as ``<name>.png`` and ``<name>.svg`` under ``out``."""
+    figures = FIGURES if figures is None else figures
     plt = _pyplot()
-    for spec in FIGURES:
+    for spec in figures:
         fig = plt.figure(figsize=spec.size, dpi=110, layout="constrained")
         try:
             spec.draw(fig, study)
@@ -439,4 +449,4 @@ def write_figures(study: Study, out: Path) -> list[Figure]:
             fig.savefig(out / f"{spec.name}.svg", metadata={"Date": None})
         finally:
             plt.close(fig)
-    return FIGURES
+    return figures

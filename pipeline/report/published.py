@@ -8,9 +8,10 @@ runs, and adds:
   paper in points, linked to its MLflow run (a row joins an entry of the same model and input size);
 * the table ``published``: every entry, its top-1/top-5, the paper's top-1 and the difference, its
   file's sha256 and its run;
-* the figure ``dvt_published``: for each DVT checkpoint, the accuracy-versus-cost curve this study's
-  threshold code traces on the evaluated images, beside the curve the authors stored in the file
-  (``budgeted_batch_classification``) and each exit's top-1 beside theirs (``anytime_classification``).
+* to the figure ``dvt_vs_static``, for each DVT checkpoint: the accuracy-versus-cost curve this study's
+  threshold code traces on the evaluated images, the curve the authors stored in the file
+  (``budgeted_batch_classification``) and their exits' top-1 (``anytime_classification``), on the
+  panel of the tuned cascade of the same model and input size or on a panel of its own.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.collect import Study, run_url
-from pipeline.report.plots import Figure
+from pipeline.report.collect import DVTResult, Study, run_url
+from pipeline.report.plots import FIGURES, Figure, dvt_panel
 from pipeline.report.table import Column, Table
 
 log = logging.getLogger(__name__)
@@ -151,61 +153,105 @@ def published_table(published: list[Published]) -> Table:
     return table
 
 
-def dvt_published_figure(published: list[Published]) -> Figure | None:
-    """Our threshold curve beside the authors' stored one, per DVT checkpoint (None without any)."""
-    cascades = [p for p in published if p.record.get("curve")]
-    if not cascades:
+def dvt_checkpoints(published: list[Published]) -> list[Published]:
+    """The evaluated DVT checkpoints: those with a curve traced by this study's threshold code."""
+    return [p for p in published if p.record.get("curve")]
+
+
+def _costs(p: Published) -> list[float]:
+    authors = p.record.get("published") or {}
+    stored = authors.get("budgeted_batch_classification") or [[]]
+    return [c["avg_gmacs"] for c in p.record["curve"]] + list(stored[0]) + list(authors.get("flops") or [])
+
+
+def panel_of(study: Study, p: Published) -> DVTResult | None:
+    """The tuned cascade whose panel a checkpoint joins: the same model at the same input size, the
+    checkpoint's costs within the panel's reach (twice the full cascade's); None: a panel of its own."""
+    key, reach = (p.record["model"], int(p.record["img_size"])), max(_costs(p))
+    for dvt in study.tuned:
+        if (dvt.record.model, dvt.record.img_size) == key and reach <= 2.0 * dvt.record.full_gmacs:
+            return dvt
+    return None
+
+
+def draw_checkpoint(ax: Any, p: Published, color: str = "C3") -> None:
+    """A checkpoint's curve evaluated here, the authors' stored curve and the authors' exits."""
+    curve = sorted(p.record["curve"], key=lambda c: c["avg_gmacs"])
+    ax.plot(
+        [c["avg_gmacs"] for c in curve],
+        [c["top1"] for c in curve],
+        "-",
+        marker="x",
+        ms=4,
+        lw=1.2,
+        color=color,
+        zorder=3,
+        label=f"{p.name} (published checkpoint, evaluated here)",
+    )
+    authors = p.record.get("published") or {}
+    stored = authors.get("budgeted_batch_classification")
+    if stored and len(stored) == 2:
+        ax.plot(stored[0], stored[1], "--", lw=1.1, color=color, alpha=0.7,
+                label=f"{p.name} (authors' stored curve)")  # fmt: skip
+    flops, top1 = authors.get("flops") or [], authors.get("anytime_classification") or []
+    if flops and top1:
+        n = min(len(flops), len(top1))
+        ax.scatter(flops[:n], top1[:n], marker="v", s=40, facecolors="none", edgecolors=color,
+                   linewidths=1.1, zorder=3, label=f"{p.name} (authors' exits)")  # fmt: skip
+
+
+#: Colours of the checkpoints sharing a panel (the cascade's own curve is C2).
+_COLORS = ("C3", "C5", "C6", "C9")
+
+
+def _draw_all(checkpoints: list[Published], ax: Any) -> None:
+    for k, p in enumerate(checkpoints):
+        draw_checkpoint(ax, p, _COLORS[k % len(_COLORS)])
+
+
+def dvt_figure(published: list[Published]) -> Figure | None:
+    """``dvt_vs_static`` with the evaluated DVT checkpoints' curves in it (None without any checkpoint:
+    the figure of :mod:`~pipeline.report.plots`, unchanged, is drawn)."""
+    checkpoints = dvt_checkpoints(published)
+    if not checkpoints:
         return None
+    base = next(f for f in FIGURES if f.name == "dvt_vs_static")
 
     def draw(fig: Any, study: Study) -> None:
-        axes = fig.subplots(1, len(cascades), squeeze=False)[0]
-        for ax, p in zip(axes, cascades, strict=True):
+        joined: dict[str, list[Published]] = {d.variant: [] for d in study.tuned}
+        alone = []
+        for p in checkpoints:
+            dvt = panel_of(study, p)
+            (joined[dvt.variant] if dvt is not None else alone).append(p)
+        panels = len(study.tuned) + len(alone)
+        if panels > 3:
+            fig.set_size_inches(4.0 * panels, base.size[1])
+        axes = fig.subplots(1, panels, squeeze=False)[0]
+        for ax, dvt in zip(axes[: len(study.tuned)], study.tuned, strict=True):
+            dvt_panel(ax, study, dvt, partial(_draw_all, joined[dvt.variant]))
+        for ax, p in zip(axes[len(study.tuned) :], alone, strict=True):
             r = p.record
-            curve = sorted(r["curve"], key=lambda c: c["avg_gmacs"])
-            ax.plot(
-                [c["avg_gmacs"] for c in curve],
-                [c["top1"] for c in curve],
-                "-",
-                marker=".",
-                color="C2",
-                label="evaluated here (this study's thresholds)",
-            )
-            authors = r.get("published") or {}
-            stored = authors.get("budgeted_batch_classification")
-            if stored and len(stored) == 2:
-                ax.plot(stored[0], stored[1], "--", color="0.3", label="the authors' stored curve")
-            flops = authors.get("flops") or []
-            for k, (cost, top1) in enumerate(
-                zip(flops, authors.get("anytime_classification") or [], strict=False)
-            ):
-                ax.scatter(cost, top1, marker="^", facecolors="none", edgecolors="0.3",
-                           label="the authors' exits" if k == 0 else None)  # fmt: skip
-            ax.set_title(f"{p.name} ({r['model']}, {r['images']} images)", fontsize=9)
+            draw_checkpoint(ax, p)
+            ax.set_title(f"{p.name} ({r['model']}, {r['img_size']} px, {r['images']} images)", fontsize=9)
             ax.set_xlabel("average G per image (here: all-matmul MACs; authors: their GFLOPs)")
             ax.set_ylabel("top-1 (%)")
+            ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
+        if not study.tuned and study.dvt:
+            notes = "; ".join(f"{d.variant}: {d.status} ({d.note})" for d in study.dvt)
+            fig.suptitle(f"No DVT results: {notes}", fontsize=8, color="0.35", wrap=True)
 
     return Figure(
-        "dvt_published",
-        "Published DVT checkpoints: our threshold curve beside the authors'",
-        "Each released cascade evaluated on this study's images: the accuracy-versus-cost curve of "
-        "this study's threshold code (thresholds calibrated on a seeded half of the images, the curve "
-        "measured on the other half) beside the budgeted-batch curve and per-exit accuracy the authors "
-        "stored in the file (their ImageNet validation run).",
+        base.name,
+        base.title,
+        base.caption
+        + " Each published DVT checkpoint evaluated here adds its curves: the accuracy-versus-cost curve "
+        "of this study's threshold code on the evaluated images (thresholds calibrated on a seeded half, "
+        "the curve measured on the other half), and the budgeted-batch curve and per-exit top-1 the "
+        "authors stored in the file (their ImageNet validation run; their GFLOPs on the x axis). It joins "
+        "the panel of the tuned cascade of the same model and input size when its costs fit there, "
+        "otherwise it has a panel of its own.",
         draw,
+        base.size,
     )
-
-
-def write_figure(figure: Figure, study: Study, out: Path) -> None:
-    """Draw ``figure`` as ``<name>.png`` and ``.svg`` under ``out``, as the report's other figures."""
-    from pipeline.report.plots import _pyplot
-
-    plt = _pyplot()
-    fig = plt.figure(figsize=figure.size, dpi=110, layout="constrained")
-    try:
-        figure.draw(fig, study)
-        fig.savefig(out / f"{figure.name}.png", metadata={"Software": None})
-        fig.savefig(out / f"{figure.name}.svg", metadata={"Date": None})
-    finally:
-        plt.close(fig)
