@@ -28,7 +28,7 @@ from helpers import ROOT, copy_worktree, free_port
 pytest.importorskip("s3fs", reason="the s3 test needs the test extra: pip install -e '.[test]'")
 pytest.importorskip("moto.server", reason="the s3 test needs moto[server] (the test extra)")
 
-from pipeline.shards import INDEX, MANIFEST, read_manifest  # noqa: E402
+from pipeline.shards import INDEX, MANIFEST, PARTIAL, read_manifest  # noqa: E402
 
 BUCKET = "t2t-study-test"
 URI = f"s3://{BUCKET}/shards"
@@ -131,8 +131,9 @@ def test_s3_shards_match_local_ones_byte_for_byte_and_resume(s3, s3_shards: str,
     assert s3.cat(f"{BUCKET}/shards/{INDEX}") == (tiny_shards / INDEX).read_bytes()
     assert not [n for n in s3.ls(f"{BUCKET}/shards") if n.endswith(".tmp")]
 
-    # An interrupted run: no manifest yet, one shard never renamed into place, one half-written temporary.
-    s3.rm_file(f"{BUCKET}/shards/{MANIFEST}")
+    # A finished folder (no progress record left: its manifest and index stand in for one) that lost
+    # a shard and holds a half-written temporary.
+    assert not s3.exists(f"{BUCKET}/shards/{PARTIAL}")
     s3.rm_file(f"{BUCKET}/shards/train-000003.tar")
     s3.pipe(f"{BUCKET}/shards/train-000004.tar.tmp", b"half a shard")
     s3.invalidate_cache()
@@ -207,7 +208,7 @@ def test_dvc_tracks_the_s3_manifest(s3, tiny_shards: Path, tmp_path: Path) -> No
         out["path"] == f"{output}/{MANIFEST}" and out["etag"].strip('"') == hashlib.md5(manifest).hexdigest()
     )
     assert "didn't change" in dvc("repro", "shard")
-    # DVC removes the stage's out (the manifest alone) before re-running it; the shards stay and are kept.
+    # The manifest is a persistent out: DVC leaves it for the re-run, which keeps every shard it lists.
     assert "wrote 0 shard(s), kept 7" in dvc("repro", "-f", "-s", "shard")
     s3.invalidate_cache()
     s3.pipe(f"{BUCKET}/dvc-shards/{MANIFEST}", b"{}")  # changed behind DVC's back: seen
