@@ -60,3 +60,13 @@ def test_no_test_file_imports_another(root: Path) -> None:
                 if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"
             ]
     assert not found, "move what test files share into tests/helpers.py:\n" + "\n".join(found)
+
+
+def test_no_library_module_exceeds_500_lines(root: Path) -> None:
+    """One job per module: a file of the library that grows past 500 lines is split by concern."""
+    long = {
+        str(p.relative_to(root)): n
+        for p in sorted((root / "pipeline").rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these modules by concern: {long}"
