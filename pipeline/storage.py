@@ -236,9 +236,14 @@ class Lease:
     heartbeat is younger than ``ttl_s``; a lease whose holder stopped beating (a SIGKILLed process,
     a lost node) is taken over after ``ttl_s``. A background thread rewrites the record every
     ``ttl_s / 4``; with ``thread=False`` the holder calls :meth:`renew` itself (a process that
-    forks workers stays single-threaded). On object stores without conditional writes two
-    processes starting within the same moment can both write; each reads its record back and the
-    loser fails.
+    forks workers stays single-threaded).
+
+    Neither fsspec's local files nor object stores offer one create-if-absent for every backend,
+    so two processes starting at the same moment can both find no lease and both write theirs.
+    Each then waits ``settle_s`` and reads the lock back: the last record written is the one both
+    read, and the other fails. (Without the wait, one could read its own record back before the
+    other wrote, and both would hold the lease.) A claim is therefore safe as long as a process's
+    check and write are less than ``settle_s`` apart, which they are by orders of magnitude.
     """
 
     def __init__(
@@ -249,9 +254,11 @@ class Lease:
         what: str,
         ttl_s: float = 120.0,
         thread: bool = True,
+        settle_s: float = 0.5,
         **info: Any,
     ):
         self.location, self.name, self.what, self.ttl_s, self.threaded = location, name, what, ttl_s, thread
+        self.settle_s = settle_s
         self.held = False
         self.record = {**_owner(), "what": what, **info}
         self._stop = threading.Event()
@@ -290,6 +297,7 @@ class Lease:
                 )
             log.warning("taking over %s: its holder %s stopped %.0f s ago", self.url, describe(held), age)
         self._write()
+        time.sleep(self.settle_s)  # a rival that found no lease either has written by now
         back = self.read()
         if not back or back.get("id") != self.record["id"]:
             raise LeaseHeld(f"{self.what} was claimed at once by {describe(back or {})}: {self.url}")

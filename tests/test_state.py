@@ -226,3 +226,38 @@ def test_fetch_only_with_nothing_to_fetch_exits_nonzero(tmp_path: Path, root: Pa
     )
     assert proc.returncode == 1, proc.stderr
     assert "nothing to fetch" in proc.stderr
+
+
+_RIVAL = """
+import sys, time
+from pipeline.storage import Lease, LeaseHeld, Location
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every rival checks the lock at the same moment
+try:
+    with Lease(Location(sys.argv[1]), "race.lock", what="the race", ttl_s=60, thread=False):
+        print("held", flush=True)
+        time.sleep(3)
+except LeaseHeld as err:
+    print("refused:", err, flush=True)
+"""
+
+
+def test_rivals_starting_at_the_same_moment_get_one_lease(tmp_path: Path) -> None:
+    """Four processes check the (absent) lock at the same instant and all write a claim: the
+    settle-and-read-back of Lease.acquire leaves exactly one holder; the others fail naming it."""
+    start = time.time() + 4  # after every interpreter has started
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rivals = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RIVAL, str(tmp_path), str(start)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=60)[0] for proc in rivals]
+    assert sum(out.startswith("held") for out in outputs) == 1, outputs
+    refused = [out for out in outputs if not out.startswith("held")]
+    assert all("refused:" in out and "the race" in out for out in refused), outputs
