@@ -34,6 +34,11 @@ from pipeline.pretrained import (
 
 log = logging.getLogger(__name__)
 
+#: Where ``export_authors_format`` writes its ``.pth.tar`` (relative to the repository): with the
+#: other scratch files under ``runs/``, not in ``results/``, whose every file is a DVC output (the
+#: report depends on the whole folder, and a cluster job's saved state holds only outputs).
+EXPORTS = "runs/exports"
+
 
 def shard_loader(
     shards: str, transform: Any, batch_size: int, workers: int, *, verify_sha256: bool = False
@@ -151,7 +156,7 @@ def evaluate_entry(cfg: StudyConfig, name: str, *, root: Path, results_dir: Path
         weights = state.get("model", state) if isinstance(state, dict) else state
         path = export_authors_t2t(
             weights,
-            out_dir / f"{name}.pth.tar",
+            root / EXPORTS / f"{name}.pth.tar",  # scratch, beside Ray's: results/ holds only DVC outs
             arch=entry.model,
             args={"img_size": img_size, "num_classes": config.get("num_classes"), **model_kwargs},
         )

@@ -146,9 +146,18 @@ def test_dvc_repro_runs_the_whole_study(root: Path, tmp_path: Path) -> None:
         first_seed = next(r for r in trained["runs"] if r["run_id"] == trained["run_id"])
         assert result["top1"] == first_seed[trained["summary"]["top1"]["metric"]], (result, first_seed)
         assert result["source_run_id"] == trained["run_id"] and result["images"] > 0
-        exported = repo / "results" / "pretrained" / f"{name}.pth.tar"
+        exported = repo / "runs" / "exports" / f"{name}.pth.tar"
         tags = client.get_run(result["run_id"]).data.tags
         assert tags["checkpoint_sha256"] == file_sha256(exported) == result["checkpoint_sha256"]
+
+    # results/ holds only what dvc.lock lists as outputs: the report depends on the whole folder, and
+    # a cluster job's saved state (pipeline.state) carries outputs only, so any other file would
+    # make a fetched study look changed.
+    from pipeline.state import state_paths
+
+    listed = set(state_paths((repo / "dvc.lock").read_text()))
+    stray = [str(f.relative_to(repo)) for f in (repo / "results").rglob("*") if f.is_file()]
+    assert not [f for f in stray if f not in listed], stray
 
     # Nothing changed: nothing runs.
     second = _sh(["dvc", "repro"], repo)

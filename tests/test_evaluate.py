@@ -78,7 +78,7 @@ def test_training_in_the_authors_format_scores_its_training_top1(
     cfg = _cfg(root, tiny_shards, {"mine": entry})
     out = evaluate_entry(cfg, "mine", root=tmp_path, results_dir=tmp_path / "results")
 
-    exported = tmp_path / "results" / "pretrained" / "mine.pth.tar"
+    exported = tmp_path / "runs" / "exports" / "mine.pth.tar"
     saved = torch.load(exported, weights_only=False)  # our own file: check its layout as the authors'
     assert {"state_dict", "state_dict_ema", "args", "epoch", "arch", "metric"} <= set(saved)
     assert "module.tokens_to_token.attention1.w" in saved["state_dict_ema"]
