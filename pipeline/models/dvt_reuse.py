@@ -121,6 +121,19 @@ def _resize_matrix(source: tuple[int, int], target: tuple[int, int], num_prefix_
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_matrix_t(
+    source: tuple[int, int],
+    target: tuple[int, int],
+    num_prefix_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``M^T`` of :func:`_resize_matrix` on ``device`` in ``dtype``, made once per device and dtype
+    (not copied to the GPU on every forward pass)."""
+    return _resize_matrix(source, target, num_prefix_tokens).t().contiguous().to(device=device, dtype=dtype)
+
+
 def _resize_token_axis(
     x: torch.Tensor, dim: int, source: tuple[int, int], target: tuple[int, int], num_prefix_tokens: int
 ) -> torch.Tensor:
@@ -382,8 +395,7 @@ class RelationReuse(nn.Module):
             x = _resize_token_axis(x, 1, source_grid, target_grid, num_prefix_tokens)  # keys
             x = _resize_token_axis(x, 0, source_grid, target_grid, num_prefix_tokens)  # queries
             return x.permute(2, 3, 0, 1).contiguous()
-        m = _resize_matrix(tuple(source_grid), tuple(target_grid), num_prefix_tokens)
-        m_t = m.t().to(device=x.device, dtype=x.dtype)
+        m_t = _resize_matrix_t(tuple(source_grid), tuple(target_grid), num_prefix_tokens, x.device, x.dtype)
         # (X^T M^T)^T M^T = M X M^T: keys, then queries.
         return torch.matmul(torch.matmul(x.mT, m_t).mT, m_t)
 
@@ -429,7 +441,7 @@ def stage_reuse_features(
     if counting_macs():  # the gathers, counted at zero MACs as in the paper (see RelationReuse)
         maps = _resize_axes(maps.unflatten(1, upstream.grid), 1, grid).flatten(1, 2)  # (B, H*W, channels)
     elif tuple(upstream.grid) != tuple(grid):
-        m = _resize_matrix(tuple(upstream.grid), tuple(grid), 0)
-        maps = torch.matmul(m.to(device=maps.device, dtype=maps.dtype), maps)
+        m_t = _resize_matrix_t(tuple(upstream.grid), tuple(grid), 0, maps.device, maps.dtype)
+        maps = torch.matmul(m_t.mT, maps)
     maps = F.pad(maps, (0, 0, num_prefix_tokens, 0))
     return list(maps.split([block.reuse_dim for block in blocks], dim=-1))
