@@ -25,6 +25,7 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_VERSION",
     "OWN_FILES",
+    "READABLE_VERSIONS",
     "PARTIAL",
     "Store",
     "index_parquet",
@@ -41,7 +42,10 @@ INDEX = "index.parquet"
 INFO = "_info.json"
 #: The lease a shard run holds on its output folder (pipeline.storage.Lease: a heartbeat record).
 LOCK_FILE = "shard.lock"
-MANIFEST_VERSION = 2
+#: 3: a sample is ``.cls`` and ``.jpg`` (2 also had a ``.json``, whose fields are all in the index).
+MANIFEST_VERSION = 3
+#: Manifest versions whose shards this version's readers still read (a 2's ``.json`` is ignored).
+READABLE_VERSIONS = (2, 3)
 #: Files this module writes into the output folder; only these are ever removed from it.
 OWN_FILES = re.compile(
     r"^((train|val)-\d{6}\.tar|manifest\.json|manifest\.partial\.json|index\.parquet|_info\.json)(\.tmp)?$"
@@ -200,9 +204,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not store.exists(MANIFEST):
         raise ShardError(f"{store.url_of(MANIFEST)} not found: run the shard stage first (dvc repro shard)")
     manifest = json.loads(store.read(MANIFEST))
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ShardError(
-            f"{store.url_of(MANIFEST)}: manifest version {manifest.get('version')} != "
-            f"{MANIFEST_VERSION}; re-shard"
+            f"{store.url_of(MANIFEST)}: manifest version {manifest.get('version')}, this code reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; re-shard (dvc repro -f -s shard)"
         )
     return manifest

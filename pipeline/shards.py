@@ -6,8 +6,9 @@ or an fsspec URI such as ``s3://bucket/imagenet-shards``; every write goes throu
 
 - ``train-000000.tar`` ...: WebDataset shards. A sample holds the image bytes (``.jpg``: an RGB
   JPEG's bytes exactly as read; PNG, CMYK and grayscale files re-encoded once as RGB JPEG, see
-  :func:`~pipeline.imagenet.prepare_image`), its class index (``.cls``) and ``.json`` (wnid, label,
-  source path, ``converted_from``).
+  :func:`~pipeline.imagenet.prepare_image`), and its class index (``.cls``): the members timm's and
+  webdataset's ImageNet readers expect. The wnid, source path and ``converted_from`` of every sample
+  are in ``index.parquet``.
 - ``manifest.json``: classes, counts per split (found = written + skipped), every shard with its
   sample count, size and sha256, the skipped files with their reason, the ignored non-image files.
   Written last, and only when every shard is complete: downstream stages depend on it.
@@ -137,19 +138,10 @@ def _padded(n: int, unit: int = BLOCK) -> int:
     return -(-n // unit) * unit
 
 
-_quote = json.encoder.encode_basestring_ascii  # what json.dumps does to a str, without the rest
-
-
-def _meta(s: Sample, converted_from: str | None) -> bytes:
-    """A sample's ``.json``: ``json.dumps`` of the dict with sorted keys, byte for byte, 4x faster."""
-    kind = "null" if converted_from is None else _quote(converted_from)
-    path, wnid = _quote(s.rel), _quote(s.wnid)
-    return f'{{"converted_from": {kind}, "label": {s.label:d}, "path": {path}, "wnid": {wnid}}}'.encode()
-
-
 def _tar_bytes(s: Sample) -> int:
-    """Bytes a verbatim sample takes in a tar: three headers and three block-padded members."""
-    return 3 * BLOCK + _padded(len(str(s.label))) + _padded(s.size) + _padded(len(_meta(s, None)))
+    """Bytes a verbatim sample takes in a tar: two headers and two block-padded members (``.cls``,
+    ``.jpg``)."""
+    return 2 * BLOCK + _padded(len(str(s.label))) + _padded(s.size)
 
 
 def plan_shards(
@@ -210,7 +202,7 @@ class _Digest:
 def tar_writer(stream: Any) -> Any:
     """``webdataset.TarWriter`` on ``stream`` with fixed metadata (mtime 0, mode 0444, no owner names, USTAR):
     the same samples give byte-identical tars on any machine, at any time. Samples are dicts of bytes;
-    members are written in sorted suffix order (``.cls``, ``.jpg``, ``.json``)."""
+    members are written in sorted suffix order (``.cls``, ``.jpg``)."""
     import webdataset as wds
 
     writer = wds.TarWriter(stream, user="", group="", mode=0o444, mtime=0, encoder=False)
@@ -255,8 +247,7 @@ def _write_shard(task: _Task) -> dict[str, Any]:
                     continue
                 if kind:
                     converted.append([s.key, kind, len(data)])
-                meta = _meta(s, kind)
-                tar.write({"__key__": s.key, "cls": str(s.label).encode(), "jpg": data, "json": meta})
+                tar.write({"__key__": s.key, "cls": str(s.label).encode(), "jpg": data})
                 count += 1
     digest, size = out.sha256, out.size
     if bad and not task.skip_bad:

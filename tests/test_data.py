@@ -108,7 +108,7 @@ def test_shard_reader_gives_what_webdataset_reads(tiny_shards: Path) -> None:
     theirs = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     assert len(ours) == len(theirs) == count
     for a, b in zip(ours, theirs, strict=True):
-        assert a == {k: b[k] for k in ("__key__", "__url__", "cls", "jpg", "json")}
+        assert a == {k: b[k] for k in ("__key__", "__url__", "cls", "jpg")}
 
 
 def test_a_truncated_damaged_or_missing_shard_is_named(tiny_shards: Path, tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def test_intact_shards_read_in_full_with_every_check_on(shards: Path) -> None:
 def test_a_zeroed_block_is_a_count_mismatch_naming_the_shard(shards: Path) -> None:
     urls, _ = shard_urls(shards, "train")
     victim = Path(urls[0])
-    fourth = _members(victim)[3]  # the second sample's first member (three members per sample)
-    _patch(victim, fourth.offset, bytes(512))  # tarfile reads a zero block as the end
+    third = _members(victim)[2]  # the second sample's first member (two members per sample)
+    _patch(victim, third.offset, bytes(512))  # tarfile reads a zero block as the end
     expected = shard_records(shards, "train")
     with pytest.raises(SampleError, match=rf"shard {victim} holds 1 samples, its manifest record \d+"):
         list(read_samples(urls, expected))
@@ -65,7 +65,7 @@ def test_a_zeroed_block_is_a_count_mismatch_naming_the_shard(shards: Path) -> No
 def test_a_shard_cut_at_a_member_boundary_or_resized_is_named(shards: Path) -> None:
     urls, _ = shard_urls(shards, "train")
     victim = Path(urls[-1])
-    cut = _members(victim)[3].offset  # exactly where the second sample starts
+    cut = _members(victim)[2].offset  # exactly where the second sample starts
     victim.write_bytes(victim.read_bytes()[:cut])
     with pytest.raises(SampleError, match=rf"shard {victim} is {cut} bytes, its manifest record \d+"):
         list(read_samples(urls, shard_records(shards, "train")))
@@ -171,7 +171,7 @@ def test_the_verify_sha256_param_decides_in_every_reader(
 def test_evaluation_fails_on_a_count_mismatch_naming_the_shard(shards: Path) -> None:
     urls, _ = shard_urls(shards, "val")
     victim = Path(urls[-1])
-    _patch(victim, _members(victim)[3].offset, bytes(512))
+    _patch(victim, _members(victim)[2].offset, bytes(512))
     loader, _ = build_eval_loader(
         shards, rank=0, world_size=1, batch_size=4, transform=lambda img: torch.zeros(3, 8, 8)
     )

@@ -41,9 +41,16 @@ def _write(source: Path, output, **kw):
 
 
 def _samples(folder: Path, split: str) -> list[dict]:
+    """The split's samples as webdataset reads them, each with its index row under ``"meta"``."""
     manifest = read_manifest(folder)
     urls = [str(folder / s["name"]) for s in manifest["splits"][split]["shards"]]
-    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    rows = {r["key"]: r for r in pq.read_table(folder / "index.parquet").to_pylist() if r["split"] == split}
+    assert len(rows) == len(samples)
+    for s in samples:
+        assert sorted(k for k in s if not k.startswith("__")) == ["cls", "jpg"]  # timm's two members
+        s["meta"] = rows[s["__key__"]]
+    return samples
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -78,7 +85,7 @@ def test_jpeg_bytes_copied_verbatim_with_label_and_wnid(images: Path, tmp_path: 
     assert len(samples) == 9
     wnids = read_manifest(tmp_path / "s")["classes"]
     for s in samples:
-        meta = json.loads(s["json"])
+        meta = s["meta"]
         assert s["jpg"] == (images / meta["path"]).read_bytes()
         assert int(s["cls"]) == meta["label"] == wnids.index(meta["wnid"])
         assert meta["converted_from"] is None
@@ -98,7 +105,7 @@ def test_same_input_and_seed_give_identical_output_whatever_the_worker_count(
 def test_shards_mix_classes(images: Path, tmp_path: Path) -> None:
     _write(images, tmp_path / "s", max_samples_per_shard=7)
     first = _samples(tmp_path / "s", "train")[:7]
-    assert len({json.loads(s["json"])["wnid"] for s in first}) > 1
+    assert len({s["meta"]["wnid"] for s in first}) > 1
 
 
 def test_byte_limit_plans_boundaries_from_file_sizes(images: Path, tmp_path: Path) -> None:
@@ -139,7 +146,7 @@ def test_png_cmyk_and_gray_reach_the_shards_as_rgb_jpegs(odd_source, tmp_path: P
     assert manifest["splits"]["train"]["converted"] == {"cmyk": 1, "gray": 1, "png": 1}
     seen = {}
     for s in _samples(tmp_path / "s", "train"):
-        meta = json.loads(s["json"])
+        meta = s["meta"]
         with Image.open(io.BytesIO(s["jpg"])) as img:
             assert (img.format, img.mode) == ("JPEG", "RGB")
             if meta["path"] in kinds:
@@ -335,33 +342,24 @@ def test_shards_are_plain_tars_with_fixed_metadata(images: Path, tmp_path: Path)
     for entry in manifest["splits"]["val"]["shards"]:
         with tarfile.open(tmp_path / "s" / entry["name"]) as tar:
             members = tar.getmembers()
-        assert len(members) == 3 * entry["samples"]
-        assert [m.name.rsplit(".", 1)[1] for m in members] == ["cls", "jpg", "json"] * entry["samples"]
+        assert len(members) == 2 * entry["samples"]
+        assert [m.name.rsplit(".", 1)[1] for m in members] == ["cls", "jpg"] * entry["samples"]
         assert {(m.mtime, m.mode, m.uname, m.gname, m.isreg()) for m in members} == {(0, 0o444, "", "", True)}
 
 
 @pytest.mark.parametrize("key", ["n01440764/n01440764_10026", "x" * 40 + "/" + "y" * 90, "n01/caf\u00e9"])
 def test_members_are_the_ustar_bytes_tarfile_writes(key: str) -> None:
-    sample = {"__key__": key, "cls": b"7", "jpg": bytes(range(256)) * 3, "json": b"{}"}
+    sample = {"__key__": key, "cls": b"7", "jpg": bytes(range(256)) * 3}
     ours = io.BytesIO()
     with shards_module.tar_writer(ours) as tar:
         tar.write(sample)
     expected = io.BytesIO()
     with tarfile.open(fileobj=expected, mode="w|", format=tarfile.USTAR_FORMAT) as out:
-        for suffix in ("cls", "jpg", "json"):
+        for suffix in ("cls", "jpg"):
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[suffix]), 0, 0o444, "", ""
             out.addfile(info, io.BytesIO(sample[suffix]))
     assert ours.getvalue() == expected.getvalue()
-
-
-@pytest.mark.parametrize("converted_from", [None, "cmyk", "png"])
-def test_sample_json_is_json_dumps_byte_for_byte(converted_from: str | None) -> None:
-    from pipeline.imagenet import Sample
-
-    s = Sample("/x", 'train/n01/caf\u00e9 "quoted"\\.JPEG', "n01", 7, 1, 1)
-    expected = {"converted_from": converted_from, "label": 7, "path": s.rel, "wnid": "n01"}
-    assert shards_module._meta(s, converted_from) == json.dumps(expected, sort_keys=True).encode()
 
 
 def test_index_columns_read_back_as_written() -> None:
@@ -395,3 +393,22 @@ def test_verify_mode_is_part_of_the_plan(images: Path, tmp_path: Path) -> None:
     ]
     with pytest.raises(ShardError, match="verify must be one of"):
         _write(images, tmp_path / "out", verify="eyeball")
+
+
+def test_a_folder_of_an_older_readable_version_is_read_and_an_unknown_one_refused(
+    images: Path, tmp_path: Path
+) -> None:
+    from pipeline.data import read_samples, shard_urls
+
+    out = tmp_path / "s"
+    _write(images, out, max_samples_per_shard=8)
+    manifest = json.loads((out / MANIFEST).read_text())
+    # Version 2 folders have a third member per sample (.json); today's reader passes it through.
+    manifest["version"] = 2
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    urls, count = shard_urls(out, "val")
+    assert sum(1 for _ in read_samples(urls)) == count
+    manifest["version"] = 1
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest version 1, this code reads 2, 3; re-shard"):
+        read_manifest(out)
