@@ -107,6 +107,30 @@ class Location:
             return
         self.fs.pipe_file(self.path(rel), raw)
 
+    def create(self, rel: str, data: bytes | str) -> bool:
+        """Write a new local file whole, only if none is there: False if one is (a rival's).
+
+        The bytes go to a temporary file first, which is then hard-linked to ``rel``: the link fails
+        if ``rel`` exists (atomic on local filesystems and NFS), and a reader never sees a part.
+        Local locations only (object stores have no portable create-if-absent)."""
+        if not self.local:
+            raise StorageError(f"create-if-absent is local only, not {self.url}")
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = data.encode() if isinstance(data, str) else data
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return True
+
     def files(self, rel: str = "") -> list[str]:
         """Every file under ``rel``, as paths relative to the location, sorted."""
         base = self.path(rel)
@@ -238,12 +262,15 @@ class Lease:
     ``ttl_s / 4``; with ``thread=False`` the holder calls :meth:`renew` itself (a process that
     forks workers stays single-threaded).
 
-    Neither fsspec's local files nor object stores offer one create-if-absent for every backend,
-    so two processes starting at the same moment can both find no lease and both write theirs.
-    Each then waits ``settle_s`` and reads the lock back: the last record written is the one both
-    read, and the other fails. (Without the wait, one could read its own record back before the
-    other wrote, and both would hold the lease.) A claim is therefore safe as long as a process's
-    check and write are less than ``settle_s`` apart, which they are by orders of magnitude.
+    On a local filesystem a free lease is claimed with one create-if-absent
+    (:meth:`Location.create`): of two processes starting at the same moment, one creates the lock
+    and the other fails, naming it, with no wait. Object stores offer no create-if-absent that every
+    backend honours, and taking over a dead holder's lock replaces a file that exists, so there two
+    processes can both write their claim. Each then waits ``settle_s`` and reads the lock back: the
+    last record written is the one both read, and the other fails. (Without the wait, one could read
+    its own record back before the other wrote, and both would hold the lease.) That claim is safe
+    as long as a process's check and write are less than ``settle_s`` apart, which they are by orders
+    of magnitude.
     """
 
     def __init__(
@@ -274,8 +301,11 @@ class Lease:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _record(self) -> str:
+        return json.dumps({**self.record, "heartbeat": time.time()})
+
     def _write(self) -> None:
-        self.location.write_bytes(self.name, json.dumps({**self.record, "heartbeat": time.time()}))
+        self.location.write_bytes(self.name, self._record())
 
     def acquire(self) -> Lease:
         """Take the lease (a no-op if this object holds it already).
@@ -296,11 +326,15 @@ class Lease:
                     f"{self.ttl_s - age:.0f} s from now (or delete the lock file once you are sure)."
                 )
             log.warning("taking over %s: its holder %s stopped %.0f s ago", self.url, describe(held), age)
-        self._write()
-        time.sleep(self.settle_s)  # a rival that found no lease either has written by now
-        back = self.read()
-        if not back or back.get("id") != self.record["id"]:
-            raise LeaseHeld(f"{self.what} was claimed at once by {describe(back or {})}: {self.url}")
+        claimed = held is None and self.location.local and self.location.create(self.name, self._record())
+        if not claimed and held is None and self.location.local and (rival := self.read()) is not None:
+            raise LeaseHeld(f"{self.what} was claimed at once by {describe(rival)}: {self.url}")
+        if not claimed:  # remote, a takeover, or an unreadable lock file: write, settle, read back
+            self._write()
+            time.sleep(self.settle_s)  # a rival that found no lease either has written by now
+            back = self.read()
+            if not back or back.get("id") != self.record["id"]:
+                raise LeaseHeld(f"{self.what} was claimed at once by {describe(back or {})}: {self.url}")
         self.held = True
         if self.threaded:
             self._stop = threading.Event()
