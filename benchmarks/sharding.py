@@ -2,6 +2,7 @@
 plain file copy of the same bytes, side by side in one run.
 
     python -m benchmarks.sharding [--images DIR] [--image-size 224] [--per-class 600] [--workers 2]
+                                  [--replicate K]
 
 Without ``--images`` it generates a demo set in ImageNet's layout (``pipeline.demo_data``) in a
 temporary folder, at ``--image-size`` so the JPEGs are closer to ImageNet's size than the demo's.
@@ -118,6 +119,23 @@ def _child(args: argparse.Namespace) -> None:
     print(cached, synced, started[0] if started else "-")
 
 
+def _replicate(images: Path, dest: Path, copies: int) -> Path:
+    """``copies`` copies of ``images``' class folders, the k-th named ``<wnid>_<k>``: a set
+    ``copies`` times as large, in the same layout. Hard links (no generation, no disk) where the
+    scratch folder shares the images' filesystem, else copies."""
+    for split in ("train", "val"):
+        for folder in sorted(p for p in (images / split).iterdir() if p.is_dir()):
+            for k in range(copies):
+                target = dest / split / f"{folder.name}_{k}"
+                target.mkdir(parents=True)
+                for f in folder.iterdir():
+                    try:
+                        os.link(f, target / f.name)
+                    except OSError:  # another filesystem
+                        shutil.copyfile(f, target / f.name)
+    return dest
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +147,13 @@ def main() -> None:
     p.add_argument("--max-samples-per-shard", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="rounds of every method; best of each")
     p.add_argument("--verify", choices=["markers", "decode"], default="markers", help="the stage's check")
+    p.add_argument(
+        "--replicate",
+        type=int,
+        default=1,
+        help="time K hard-linked copies of the set, each under its own class names (K x the images "
+        "without K x the generation: fixed costs then weigh as at full scale)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one method in this process
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,6 +171,8 @@ def main() -> None:
             generate_demo(images, num_classes=10, train_per_class=args.per_class,
                           val_per_class=max(1, args.per_class // 4), image_size=args.image_size, seed=0,
                           show_progress=False)  # fmt: skip
+        if args.replicate > 1:
+            images = _replicate(images, scratch / "replicated", args.replicate)
         files = _files(images)
         total = sum(f.stat().st_size for f, _ in files)
         runs = {

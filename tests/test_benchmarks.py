@@ -24,12 +24,13 @@ def test_sharding_benchmark_prints_its_table(tmp_path) -> None:
     root = Path(__file__).parents[1]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.sharding", "--per-class", "3", "--image-size", "32",
-         "--repeats", "1", "--max-samples-per-shard", "4"],
+         "--repeats", "1", "--max-samples-per-shard", "4", "--replicate", "2"],
         capture_output=True, text=True, cwd=root, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
     assert len(rows) == 5 and "workers started by fork" in proc.stdout
+    assert "; 80 JPEGs," in proc.stdout  # 10 classes of 3 + 1 images, twice
     assert not list(root.glob("bench-sharding-*"))  # its scratch folder is gone
 
 
