@@ -43,9 +43,13 @@ def resolve_location(path: str | Path, root: Path | None = None) -> str:
     return str(p if p.is_absolute() else ((root or Path.cwd()) / p).resolve())
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+def atomic_write(path: str | Path, data: bytes | str, *, exclusive: bool = False) -> bool:
     """Write a local file so a reader sees the old bytes or the new, never a part: a temporary
-    file in the same folder, fsynced, then renamed over ``path``."""
+    file in the same folder, fsynced, then renamed over ``path``.
+
+    With ``exclusive``, the temporary file is hard-linked to ``path`` instead, which fails if
+    ``path`` exists (atomic on local filesystems and NFS): nothing is written and the result is
+    False. Otherwise the result is True."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -55,10 +59,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        if not exclusive:
+            raise
+        return False
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+    return True
 
 
 class Location:
@@ -109,27 +120,11 @@ class Location:
 
     def create(self, rel: str, data: bytes | str) -> bool:
         """Write a new local file whole, only if none is there: False if one is (a rival's).
-
-        The bytes go to a temporary file first, which is then hard-linked to ``rel``: the link fails
-        if ``rel`` exists (atomic on local filesystems and NFS), and a reader never sees a part.
-        Local locations only (object stores have no portable create-if-absent)."""
+        :func:`atomic_write` with ``exclusive``. Local locations only (object stores have no
+        portable create-if-absent)."""
         if not self.local:
             raise StorageError(f"create-if-absent is local only, not {self.url}")
-        path = Path(self.path(rel))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        raw = data.encode() if isinstance(data, str) else data
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(raw)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return True
+        return atomic_write(self.path(rel), data, exclusive=True)
 
     def files(self, rel: str = "") -> list[str]:
         """Every file under ``rel``, as paths relative to the location, sorted."""
@@ -326,9 +321,11 @@ class Lease:
                     f"{self.ttl_s - age:.0f} s from now (or delete the lock file once you are sure)."
                 )
             log.warning("taking over %s: its holder %s stopped %.0f s ago", self.url, describe(held), age)
-        claimed = held is None and self.location.local and self.location.create(self.name, self._record())
-        if not claimed and held is None and self.location.local and (rival := self.read()) is not None:
-            raise LeaseHeld(f"{self.what} was claimed at once by {describe(rival)}: {self.url}")
+        claimed = False
+        if held is None and self.location.local:  # free and local: one create-if-absent
+            claimed = self.location.create(self.name, self._record())
+            if not claimed and (rival := self.read()) is not None:
+                raise LeaseHeld(f"{self.what} was claimed at once by {describe(rival)}: {self.url}")
         if not claimed:  # remote, a takeover, or an unreadable lock file: write, settle, read back
             self._write()
             time.sleep(self.settle_s)  # a rival that found no lease either has written by now
