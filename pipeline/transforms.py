@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FastDecode", "build_transforms", "dct_scale", "draft"]
+__all__ = ["FastDecode", "build_transforms", "dct_scale", "draft", "posterize_zero_bits"]
 
 
 def dct_scale(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
@@ -84,9 +84,41 @@ class FastDecode:
         return img.convert("RGB").resize((out_w, out_h), pil_modes_mapping[interpolation], box=box)
 
 
+def posterize_zero_bits(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's ``posterize`` op, with "keep 0 bits" giving the black image it always gave.
+
+    RandAugment's ``inc1`` scaling (``PosterizeIncreasing``) keeps ``4 - int(m / 10 * 4)`` bits, so
+    at magnitude 10 (``m9`` plus ``mstd0.5`` noise, about 2 % of draws) it keeps 0. Pillow up to 12
+    turned that into a black image, as in the authors' runs; Pillow 13 raises ``ValueError: bits must
+    be between or equal to 1 and 8`` and a training run dies on the first such draw.
+    """
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        from PIL import Image
+
+        return Image.new(img.mode, img.size)  # every bit masked off: zeros in every band
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _fix_posterize(transform: Any) -> None:
+    """Point every posterize op of timm's AutoAugment/RandAugment/AugMix steps in ``transform`` at
+    :func:`posterize_zero_bits` (on these instances only; timm's tables are left alone)."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", []):
+        ops = list(getattr(step, "ops", []))
+        for sub in getattr(step, "policy", []):  # AutoAugment: a list of sub-policies
+            ops.extend(sub)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize_zero_bits
+
+
 def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
     """timm's train and eval transforms for an :class:`~pipeline.config.AugmentConfig`, wrapped in
-    :class:`FastDecode` when ``aug.fast_decode`` is set."""
+    :class:`FastDecode` when ``aug.fast_decode`` is set. Posterize keeps the pre-Pillow-13
+    behaviour at 0 bits (:func:`posterize_zero_bits`)."""
     from timm.data import create_transform
 
     train = create_transform(
@@ -103,6 +135,7 @@ def build_transforms(img_size: int, aug: Any) -> tuple[Callable, Callable]:
     evaluate = create_transform(
         img_size, is_training=False, crop_pct=aug.crop_pct, interpolation=aug.interpolation
     )
+    _fix_posterize(train)
     if getattr(aug, "fast_decode", False):
         return FastDecode(train), FastDecode(evaluate)
     return train, evaluate

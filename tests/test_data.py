@@ -214,3 +214,26 @@ def test_fast_decode_through_the_loader(tiny_shards: Path) -> None:
     assert len(batches) == steps and batches[0][0].shape == (4, 3, 16, 16)
     images, _ = next(iter(build_eval_loader(tiny_shards, **{**_EVAL, "transform": eval_tf})[0]))
     assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("auto_augment", ["rand-m10-n15-mstd0-inc1", "original"])
+def test_posterize_at_zero_bits_gives_a_black_image_on_every_pillow(auto_augment: str) -> None:
+    # RandAugment's inc1 posterize keeps 4 - int(m / 10 * 4) bits: 0 at magnitude 10, which m9 with
+    # mstd0.5 draws about 2 % of the time. Pillow 13 raises on 0 bits; Pillow <= 12 gave a black image.
+    from timm.data import auto_augment as timm_aa
+
+    train, _ = build_transforms(32, AugmentConfig(auto_augment=auto_augment, re_prob=0.0))
+    step = next(s for s in train.transforms if hasattr(s, "ops") or hasattr(s, "policy"))
+    ops = list(getattr(step, "ops", [])) + [op for sub in getattr(step, "policy", []) for op in sub]
+    posterize = [op for op in ops if "Posterize" in op.name]
+    assert posterize and all(op.aug_fn is not timm_aa.posterize for op in posterize)
+    img = _open(_photo(0)).convert("RGB")
+    black = posterize[0].aug_fn(img, 0)
+    assert black.mode == "RGB" and black.size == img.size and black.getextrema() == ((0, 0),) * 3
+    kept = posterize[0].aug_fn(img, 2)
+    assert set(np.unique(np.asarray(kept))) <= {0, 64, 128, 192}
+    # The whole transform, every op at magnitude 10, many times: never an error.
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(30):
+        assert torch.isfinite(train(img)).all()
